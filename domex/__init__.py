@@ -1,0 +1,7 @@
+"""domex: serve MoE models with only the experts each query's domain needs.
+
+The code lives in two packages: `domex.runtime` (everything that touches a model) and
+`domex.store` (the domain pattern store and the maths on recorded statistics).
+"""
+
+__version__ = "0.1.0"

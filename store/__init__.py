@@ -1,0 +1,1 @@
+"""domex.store: the domain pattern store and the maths on recorded statistics (arrays, not torch modules)."""

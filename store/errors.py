@@ -1,0 +1,72 @@
+"""DomexError and its subclasses: every message says what went wrong, why, and what to change.
+
+The server maps these to HTTP status codes in one place; the CLI prints them without a traceback.
+Errors about the caller's input also subclass ValueError so plain Python callers can catch them.
+"""
+
+
+class DomexError(Exception):
+    """Base of every error domex raises on purpose."""
+
+    http_status = 500
+
+
+class MaskError(DomexError, ValueError):
+    """A mask does not fit the model: wrong layer count, ids out of range, duplicates, too few experts."""
+
+    http_status = 400
+
+
+class BudgetError(DomexError, ValueError):
+    """A budget is malformed or too small for the model's top-k."""
+
+    http_status = 400
+
+
+class UnsupportedFamily(DomexError, ValueError):
+    """The model's architecture has no family adapter."""
+
+    http_status = 400
+
+
+class PoolError(DomexError):
+    """An expert pool is missing, corrupt (checksum) or was built from another model (fingerprint)."""
+
+    http_status = 500
+
+
+class FingerprintMismatch(PoolError):
+    """An artefact (pool, store, pattern) belongs to another model."""
+
+
+class StoreError(DomexError):
+    """The pattern store cannot be read or written as asked."""
+
+    http_status = 500
+
+
+class UnknownDomain(StoreError, KeyError):
+    """A domain name that the store does not hold."""
+
+    http_status = 404
+
+    def __str__(self) -> str:  # KeyError would otherwise quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class DomainExists(StoreError):
+    """A domain is registered already and --replace was not given."""
+
+    http_status = 409
+
+
+class DemoError(DomexError, ValueError):
+    """A demo file is malformed: the message names the file, the line and the field."""
+
+    http_status = 400
+
+
+class CacheTooSmall(DomexError, ValueError):
+    """A mask needs more resident slots than the budget gives a layer."""
+
+    http_status = 400
