@@ -70,3 +70,15 @@ class CacheTooSmall(DomexError, ValueError):
     """A mask needs more resident slots than the budget gives a layer."""
 
     http_status = 400
+
+
+class ScoreError(DomexError, ValueError):
+    """Scores cannot be used: unknown criterion, wrong shape, or values a rule cannot rank."""
+
+    http_status = 400
+
+
+class EmptyStore(StoreError):
+    """The store holds no domains, so there is nothing to match a query against."""
+
+    http_status = 503

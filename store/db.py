@@ -1,0 +1,277 @@
+"""Store: the LMDB environment that holds every pattern, the source of truth (DESIGN §7).
+
+Shape legend: L MoE layers, E routed experts, N demos, D embedding dimension.
+
+Layout, one named sub-db each:
+    meta        schema_version, fingerprint (of the model every pattern belongs to), generation,
+                embedding_dim
+    domains     name -> JSON record (Pattern.record(): settings, counts, shapes, timestamps)
+    scores      "name/criterion" -> array bytes, float32 [L, E]
+    demos       name -> JSON list of {"prompt","response"} / {"text"}
+    embeddings  name -> array bytes, float32 [N, D]
+
+Every change is one write transaction and bumps `generation`, so a crash leaves either the old or
+the new domain, and anything derived (the FAISS index) knows when it is stale. Every read is its
+own short transaction: a server sees a domain registered by another process on its next call.
+The environment is opened lazily per process (an LMDB handle must not cross a fork).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import threading
+from pathlib import Path
+from typing import Callable
+
+import lmdb
+import numpy as np
+
+from .errors import DomainExists, FingerprintMismatch, StoreError, UnknownDomain
+from .pattern import Pattern, check_name, decode_array, encode_array, now
+
+SCHEMA_VERSION = 1
+DEFAULT_MAP_SIZE = 1 << 30  # 1 GiB of address space; the file grows only with the data
+_SUBDBS = ("meta", "domains", "scores", "demos", "embeddings")
+_MAX_GROWTHS = 16
+_OPEN: dict[str, tuple] = {}  # resolved folder -> (pid, env, sub-dbs): one env per process and folder
+_OPEN_LOCK = threading.Lock()
+_INHERITED: list = []  # envs a forked child got from its parent; kept alive so the child never closes them
+
+
+def _json(obj) -> bytes:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+class Store:
+    """Patterns of one model, in one LMDB folder; open with Store.open()."""
+
+    def __init__(self, path: Path, map_size: int = DEFAULT_MAP_SIZE):
+        self.path = Path(path)
+        self.map_size = map_size
+        self._dbs: dict[str, object] = {}
+
+    @classmethod
+    def open(cls, path: str | Path, fingerprint: str | None = None, create: bool = True, map_size: int = DEFAULT_MAP_SIZE) -> "Store":
+        """Open (or create) the store at `path`; FingerprintMismatch if it belongs to another model."""
+        path = Path(path)
+        if not create and not (path / "data.mdb").is_file():
+            raise StoreError(f"no pattern store at {path}; register a domain first (it creates the store) or pass the right --store")
+        store = cls(path, map_size)
+        stored = store.fingerprint()
+        if fingerprint is not None and stored is not None and stored != fingerprint:
+            raise FingerprintMismatch(
+                f"store {path} was made for the model with fingerprint {stored}, but this model's fingerprint is "
+                f"{fingerprint}; use another --store folder for this model, or re-register its domains there"
+            )
+        if fingerprint is not None and stored is None:
+            store._write(lambda txn: store._claim(txn, fingerprint))
+        return store
+
+    # -- environment: lazy, per process ------------------------------------------------------
+
+    def _env(self) -> lmdb.Environment:
+        """This process's environment for the folder (LMDB allows one per process and path)."""
+        key = str(self.path.resolve())
+        opened = _OPEN.get(key)
+        if opened is None or opened[0] != os.getpid():
+            with _OPEN_LOCK:
+                opened = _OPEN.get(key)
+                if opened is None or opened[0] != os.getpid():
+                    if opened is not None:
+                        _INHERITED.append(opened)  # opened before a fork: never touch or close it here
+                    opened = _OPEN[key] = (os.getpid(), *self._open_env())
+        self._dbs = opened[2]
+        return opened[1]
+
+    def _open_env(self) -> tuple[lmdb.Environment, dict]:
+        self.path.mkdir(parents=True, exist_ok=True)
+        try:
+            env = lmdb.open(str(self.path), map_size=self.map_size, max_dbs=len(_SUBDBS), max_spare_txns=0)
+        except lmdb.Error as e:
+            raise StoreError(f"cannot open the pattern store at {self.path}: {e}; check the folder and its permissions") from None
+        env.reader_check()  # free reader slots of processes that died (a killed server)
+        dbs = {name: env.open_db(name.encode()) for name in _SUBDBS}
+        with env.begin(write=True) as txn:
+            version = txn.get(b"schema_version", db=dbs["meta"])
+            if version is None:
+                txn.put(b"schema_version", str(SCHEMA_VERSION).encode(), db=dbs["meta"])
+                txn.put(b"generation", b"0", db=dbs["meta"])
+            elif int(version) != SCHEMA_VERSION:
+                env.close()
+                raise StoreError(
+                    f"store {self.path} has schema version {int(version)}, this domex reads {SCHEMA_VERSION}; "
+                    "re-register the domains into a new --store folder"
+                )
+        return env, dbs
+
+    def _read(self, fn: Callable):
+        """fn(txn) in one short read transaction."""
+        for _ in range(_MAX_GROWTHS):
+            env = self._env()
+            try:
+                with env.begin() as txn:
+                    return fn(txn)
+            except lmdb.MapResizedError:  # another process grew the map: adopt its size
+                env.set_mapsize(0)
+        raise StoreError(f"store {self.path}: the map kept changing size while reading; retry")
+
+    def _write(self, fn: Callable):
+        """fn(txn) in exactly one committed write transaction; a full map is grown and fn re-run."""
+        for _ in range(_MAX_GROWTHS):
+            env = self._env()
+            try:
+                with env.begin(write=True) as txn:
+                    return fn(txn)
+            except lmdb.MapFullError:  # the aborted txn left nothing behind: grow and redo it
+                env.set_mapsize(env.info()["map_size"] * 2)
+            except lmdb.MapResizedError:
+                env.set_mapsize(0)
+        raise StoreError(f"store {self.path}: could not grow the LMDB map enough for this write; check free disk space")
+
+    def close(self) -> None:
+        """Close this process's environment for the folder (every Store on it reopens on next use)."""
+        with _OPEN_LOCK:
+            opened = _OPEN.get(str(self.path.resolve()))
+            if opened is not None and opened[0] == os.getpid():
+                del _OPEN[str(self.path.resolve())]
+                opened[1].close()
+
+    # -- reads -------------------------------------------------------------------------------
+
+    def _meta(self, txn, key: str) -> str | None:
+        value = txn.get(key.encode(), db=self._dbs["meta"])
+        return None if value is None else bytes(value).decode()
+
+    def fingerprint(self) -> str | None:
+        """The model every pattern here belongs to; None until the first one is registered."""
+        return self._read(lambda txn: self._meta(txn, "fingerprint"))
+
+    def generation(self) -> int:
+        """Counter bumped by every register and delete; derived data compares against it."""
+        return self._read(lambda txn: int(self._meta(txn, "generation")))
+
+    def names(self) -> list[str]:
+        """Registered domain names, sorted."""
+        return self._read(lambda txn: [bytes(k).decode() for k in txn.cursor(db=self._dbs["domains"]).iternext(values=False)])
+
+    def __contains__(self, name: str) -> bool:
+        return self._read(lambda txn: txn.get(name.encode(), db=self._dbs["domains"]) is not None)
+
+    def _unknown(self, txn, name: str) -> UnknownDomain:
+        known = [bytes(k).decode() for k in txn.cursor(db=self._dbs["domains"]).iternext(values=False)]
+        return UnknownDomain(
+            f"no domain {name!r} in store {self.path}; registered: {', '.join(known) or 'none'} "
+            "(register it with `domex register`)"
+        )
+
+    def get(self, name: str) -> Pattern:
+        """The whole pattern, read in one transaction (a consistent version)."""
+        return self._read(lambda txn: self._get(txn, name))
+
+    def _get(self, txn, name: str) -> Pattern:
+        raw = txn.get(name.encode(), db=self._dbs["domains"])
+        if raw is None:
+            raise self._unknown(txn, name)
+        record = json.loads(bytes(raw))
+        scores = {}
+        for criterion in record["criteria"]:
+            key = f"{name}/{criterion}"
+            value = txn.get(key.encode(), db=self._dbs["scores"])
+            if value is None:
+                raise StoreError(f"store {self.path}: domain {name!r} lacks scores {criterion!r}; the store is corrupt, re-register it")
+            scores[criterion] = decode_array(value, where=f"{self.path}:scores/{key}")
+        demos = json.loads(bytes(txn.get(name.encode(), db=self._dbs["demos"])))
+        embeddings = decode_array(txn.get(name.encode(), db=self._dbs["embeddings"]), where=f"{self.path}:embeddings/{name}")
+        return Pattern.from_parts(record, scores, demos, embeddings)
+
+    def embeddings(self) -> tuple[int, list[str], np.ndarray]:
+        """(generation, domain label per row, float32 [N_all, D]) of every domain, from one snapshot."""
+
+        def collect(txn):
+            labels, blocks = [], []
+            for key, value in txn.cursor(db=self._dbs["embeddings"]):
+                vecs = decode_array(value, where=f"{self.path}:embeddings/{bytes(key).decode()}")  # [N, D]
+                labels += [bytes(key).decode()] * len(vecs)
+                blocks.append(vecs)
+            dim = int(self._meta(txn, "embedding_dim") or 0)
+            vecs = np.concatenate(blocks) if blocks else np.zeros((0, dim), dtype=np.float32)  # [N_all, D]
+            return int(self._meta(txn, "generation")), labels, vecs
+
+        return self._read(collect)
+
+    # -- writes ------------------------------------------------------------------------------
+
+    def _claim(self, txn, fingerprint: str) -> None:
+        """Tie an empty store to a model, or refuse a pattern of another model."""
+        stored = self._meta(txn, "fingerprint")
+        if stored is None:
+            txn.put(b"fingerprint", fingerprint.encode(), db=self._dbs["meta"])
+        elif stored != fingerprint:
+            raise FingerprintMismatch(
+                f"store {self.path} holds patterns of the model with fingerprint {stored}, but this pattern was "
+                f"made for fingerprint {fingerprint}; register it into a store for that model (another --store folder)"
+            )
+
+    def _bump(self, txn) -> int:
+        generation = int(self._meta(txn, "generation")) + 1
+        txn.put(b"generation", str(generation).encode(), db=self._dbs["meta"])
+        return generation
+
+    def _drop(self, txn, name: str, record: dict) -> None:
+        for criterion in record["criteria"]:
+            txn.delete(f"{name}/{criterion}".encode(), db=self._dbs["scores"])
+        for sub in ("domains", "demos", "embeddings"):
+            txn.delete(name.encode(), db=self._dbs[sub])
+
+    def register(self, pattern: Pattern, replace: bool = False) -> int:
+        """Write a whole pattern in one transaction; returns the new generation.
+
+        Replacing keeps the old `created` time. A crash at any point leaves the old version or the
+        new one, never a mix, because LMDB commits the transaction as one.
+        """
+        name = check_name(pattern.name)
+        key = name.encode()
+        scores = {c: encode_array(s) for c, s in pattern.scores.items()}  # encode outside the txn: keep it short
+        embeddings = encode_array(pattern.embeddings)
+        demos = _json(pattern.demos)
+        dim = pattern.embeddings.shape[1]
+
+        def write(txn) -> int:
+            self._claim(txn, pattern.fingerprint)
+            stored_dim = self._meta(txn, "embedding_dim")
+            if stored_dim is not None and int(stored_dim) != dim:
+                raise StoreError(
+                    f"domain {name!r} has {dim}-dimensional embeddings, the store's domains have {stored_dim}; "
+                    "embed the demos with the store's embedder (all-MiniLM-L6-v2)"
+                )
+            txn.put(b"embedding_dim", str(dim).encode(), db=self._dbs["meta"])
+            old = txn.get(key, db=self._dbs["domains"])
+            current = pattern
+            if old is not None:
+                if not replace:
+                    raise DomainExists(f"domain {name!r} is already registered in {self.path}; pass --replace (replace=True) to overwrite it")
+                old_record = json.loads(bytes(old))
+                self._drop(txn, name, old_record)
+                current = dataclasses.replace(pattern, created=old_record["created"], updated=now())
+            txn.put(key, _json(current.record()), db=self._dbs["domains"])
+            for criterion, value in scores.items():
+                txn.put(f"{name}/{criterion}".encode(), value, db=self._dbs["scores"])
+            txn.put(key, demos, db=self._dbs["demos"])
+            txn.put(key, embeddings, db=self._dbs["embeddings"])
+            return self._bump(txn)
+
+        return self._write(write)
+
+    def delete(self, name: str) -> int:
+        """Remove a domain in one transaction; returns the new generation."""
+
+        def drop(txn) -> int:
+            raw = txn.get(name.encode(), db=self._dbs["domains"])
+            if raw is None:
+                raise self._unknown(txn, name)
+            self._drop(txn, name, json.loads(bytes(raw)))
+            return self._bump(txn)
+
+        return self._write(drop)

@@ -1,0 +1,111 @@
+"""DemoIndex: the FAISS index of every demo embedding, derived from the store (DESIGN §7).
+
+Shape legend: Q queries, k neighbours, N demos over all domains, D embedding dimension.
+
+LMDB is the source of truth; the index is a cache of it, kept next to the LMDB files:
+    index.faiss   faiss.serialize_index of an IndexFlatIP over unit vectors (inner product = cosine)
+    index.json    {"generation", "labels" (domain of each row), "dim", "sha256" of index.faiss}
+Both are written to temp names and renamed. The index is rebuilt when a file is missing, when the
+pair does not belong together (hash), or when its generation differs from the store's. Every
+search reads the store's generation in one short transaction, so a server picks up a domain
+registered by another process on its next query.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from .db import Store
+from .errors import EmptyStore, StoreError
+
+INDEX_FILE = "index.faiss"
+LABELS_FILE = "index.json"
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # per-process name: two rebuilders do not collide
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class DemoIndex:
+    """Nearest demos of a query, labelled by domain; always at the store's current generation."""
+
+    def __init__(self, store: Store):
+        self.store = store
+        self.faiss_path = store.path / INDEX_FILE
+        self.json_path = store.path / LABELS_FILE
+        self.generation = -1  # of the loaded index; -1 = nothing loaded
+        self.labels: list[str] = []  # [N] domain of each row
+        self.rebuilds = 0  # how often this process rebuilt from LMDB (loads from disk do not count)
+        self._index = None
+        self._lock = threading.Lock()
+
+    def refresh(self) -> None:
+        """Bring the index to the store's generation: keep it, load it from disk, or rebuild it."""
+        generation = self.store.generation()
+        if generation == self.generation and self._index is not None:
+            return
+        with self._lock:
+            if generation == self.generation and self._index is not None:
+                return
+            if not self._load(generation):
+                self._rebuild()
+
+    def _load(self, generation: int) -> bool:
+        """Adopt the files on disk if they are whole and at `generation`."""
+        try:
+            meta = json.loads(self.json_path.read_text())
+            data = self.faiss_path.read_bytes()
+        except (FileNotFoundError, json.JSONDecodeError):
+            return False
+        if meta.get("generation") != generation or meta.get("sha256") != hashlib.sha256(data).hexdigest():
+            return False
+        index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+        if index.ntotal != len(meta["labels"]):
+            return False
+        self._index, self.labels, self.generation = index, list(meta["labels"]), generation
+        return True
+
+    def _rebuild(self) -> None:
+        """Index every stored embedding and persist it; the generation is the one read with them."""
+        generation, labels, vecs = self.store.embeddings()  # [N, D], one snapshot
+        index = faiss.IndexFlatIP(vecs.shape[1] if vecs.shape[1] else 1)
+        if len(vecs):
+            index.add(np.ascontiguousarray(vecs, dtype=np.float32))
+        data = faiss.serialize_index(index).tobytes()
+        meta = {"generation": generation, "labels": labels, "dim": index.d, "sha256": hashlib.sha256(data).hexdigest()}
+        _write_atomic(self.faiss_path, data)  # the hash in index.json ties the pair together
+        _write_atomic(self.json_path, json.dumps(meta).encode())
+        self._index, self.labels, self.generation = index, labels, generation
+        self.rebuilds += 1
+
+    def search(self, query_vecs: np.ndarray, k: int) -> tuple[np.ndarray, list[list[str]]]:
+        """(similarities float32 [Q, k'], domain labels [Q][k']) of the k' = min(k, N) nearest demos.
+
+        Queries must be unit vectors from the same embedder (Embedder.encode gives them).
+        """
+        self.refresh()
+        index, labels = self._index, self.labels  # one consistent pair even if another thread refreshes
+        if index.ntotal == 0:
+            raise EmptyStore(f"store {self.store.path} holds no domains, so no query can be matched; register a domain first")
+        query_vecs = np.ascontiguousarray(np.atleast_2d(query_vecs), dtype=np.float32)  # [Q, D]
+        if query_vecs.ndim != 2 or query_vecs.shape[1] != index.d:
+            raise StoreError(
+                f"query vectors have shape {query_vecs.shape}, the index holds {index.d}-dimensional demo "
+                "embeddings; embed queries with the same embedder as the demos"
+            )
+        if k < 1:
+            raise StoreError(f"k={k}: ask for at least one neighbour")
+        sims, rows = index.search(query_vecs, min(k, index.ntotal))  # [Q, k'], [Q, k']
+        return sims, [[labels[r] for r in row] for row in rows]
