@@ -1,0 +1,115 @@
+"""Family adapters: the few facts domex needs about one MoE architecture, one small module per family.
+
+An adapter says where the MoE blocks are, how the router scores and selects (its RouterConfig),
+which config key counts the routed experts, and how routed experts are laid out on disk. Nothing
+outside this package reads `model_type`; a new family is one file here plus one registry line.
+
+In memory (transformers 5) routed experts are fused 3-D parameters of `block.experts`, e.g.
+`gate_up_proj [E, 2I, H]` and `down_proj [E, H, I]`; one expert is the slice `[e]` of each.
+On disk real checkpoints mostly keep one 2-D tensor per expert and projection (PerExpertLayout);
+GPT-OSS, and checkpoints saved with `save_original_format=False`, keep the fused tensors (FusedLayout).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+import torch
+
+from domex.store.errors import UnsupportedFamily
+
+from ..routing import RouterConfig, RoutingRule
+
+Getter = Callable[[str], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class PerExpertLayout:
+    """One 2-D tensor per (layer, expert, projection): gate [I, H], up [I, H], down [H, I]."""
+
+    prefix: str  # e.g. "model.layers.{l}.mlp.experts.{e}."
+    gate: str = "gate_proj.weight"
+    up: str = "up_proj.weight"
+    down: str = "down_proj.weight"
+
+    def keys(self, l: int, e: int) -> list[str]:
+        p = self.prefix.format(l=l, e=e)
+        return [p + self.gate, p + self.up, p + self.down]
+
+    def read(self, get: Getter, l: int, e: int) -> dict[str, torch.Tensor]:
+        gate, up, down = (get(k) for k in self.keys(l, e))
+        return {"gate_up_proj": torch.cat([gate, up], dim=0), "down_proj": down}  # [2I, H], [H, I]
+
+    def write(self, l: int, e: int, params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        gate, up = params["gate_up_proj"].chunk(2, dim=0)
+        return dict(zip(self.keys(l, e), (gate.contiguous(), up.contiguous(), params["down_proj"].contiguous())))
+
+
+@dataclass(frozen=True)
+class FusedLayout:
+    """The in-memory fused tensors stored as they are: expert e of each parameter is `tensor[e]`."""
+
+    prefix: str  # e.g. "model.layers.{l}.mlp.experts."
+    params: tuple[str, ...] = ("gate_up_proj", "down_proj")
+
+    def tensor_keys(self, l: int) -> list[str]:
+        return [self.prefix.format(l=l) + p for p in self.params]
+
+    def read(self, get_slice: Callable[[str, int], torch.Tensor], l: int, e: int) -> dict[str, torch.Tensor]:
+        return {p: get_slice(k, e) for p, k in zip(self.params, self.tensor_keys(l))}
+
+
+def softmax_router(count_key: str, *, always_renormalize: bool = False, cast_weights: bool = True):
+    """RouterConfig reader for softmax routers: renormalised iff `norm_topk_prob` unless always."""
+
+    def read(config) -> RouterConfig:
+        renormalize = always_renormalize or bool(config.norm_topk_prob)
+        return RouterConfig(RoutingRule.SOFTMAX_TOPK, int(getattr(config, count_key)), int(config.num_experts_per_tok),
+                            renormalize=renormalize, cast_weights=cast_weights)
+
+    return read
+
+
+@dataclass(frozen=True)
+class Adapter:
+    model_type: str
+    count_key: str  # config key of the routed expert count (num_experts / num_local_experts / n_routed_experts)
+    router_attr: str  # attribute of the MoE block that holds the router
+    router_prefix: str  # on-disk prefix of the router's tensors, e.g. "model.layers.{l}.mlp.gate."
+    router_config: Callable[[object], RouterConfig]
+    fused: FusedLayout  # the in-memory layout, also how transformers saves with save_original_format=False
+    per_expert: PerExpertLayout | None  # the usual on-disk layout; None where the family is fused on disk
+    group_keys: tuple[str, str] | None = None  # config keys (n_group, topk_group) of group-limited routing
+
+    def moe_blocks(self, model: torch.nn.Module) -> list[tuple[int, torch.nn.Module]]:
+        """(decoder layer index, MoE block) for every layer whose MLP has routed experts."""
+        return [(i, layer.mlp) for i, layer in enumerate(model.model.layers) if hasattr(layer.mlp, "experts")]
+
+    def router(self, block: torch.nn.Module) -> torch.nn.Module:
+        return getattr(block, self.router_attr)
+
+    def num_experts(self, config) -> int:
+        return int(getattr(config, self.count_key))
+
+
+def _load_registry() -> dict[str, Adapter]:
+    from . import deepseek_v3, gpt_oss, mixtral, olmoe, qwen2_moe, qwen3_moe
+
+    return {m.ADAPTER.model_type: m.ADAPTER for m in (qwen3_moe, qwen2_moe, mixtral, olmoe, deepseek_v3, gpt_oss)}
+
+
+FAMILIES: dict[str, Adapter] = {}
+
+
+def adapter_for(config) -> Adapter:
+    """The adapter for an HF config (or its `model_type` string); refuses unknown architectures."""
+    if not FAMILIES:
+        FAMILIES.update(_load_registry())
+    model_type = config if isinstance(config, str) else getattr(config, "model_type", None)
+    if model_type not in FAMILIES:
+        raise UnsupportedFamily(
+            f"model_type {model_type!r} has no domex family adapter; supported: {', '.join(sorted(FAMILIES))}. "
+            "Add one module under runtime/families/ to support another MoE architecture."
+        )
+    return FAMILIES[model_type]

@@ -1,0 +1,169 @@
+"""Restricted routing: the model's own router, with pruned experts removed before top-k (DESIGN §5).
+
+The full router weight stays ([E, H], tiny); a mask only changes which experts may be chosen.
+Each family names one routing rule; the rule, not the model, decides the restriction:
+
+  SOFTMAX_TOPK          softmax over E -> top-k -> renormalise iff `renormalize`   (Mixtral, Qwen2/3-MoE, OLMoE)
+      renormalize=True : mask logits to -inf first; identical to slicing the router rows.
+      renormalize=False: mode `renormalize` (default) = softmax over kept experts only, what a
+                         compact exported checkpoint computes; mode `full_softmax` = softmax over
+                         all E, pruned experts set to 0 (EASY-EP's serving behaviour).
+  SIGMOID_BIAS_GROUPED  sigmoid; choice by score + e_score_correction_bias; group-limited top-k;
+                        weights = unbiased scores, renormalised iff `renormalize`, x scaling (DeepSeek-V3)
+      pruned experts get -inf choice score; a group scores the sum of its best two kept experts
+      (one kept expert: its score; none: -inf), so only groups holding kept experts are chosen;
+      when the chosen groups hold fewer than top_k kept experts, plain top-k over all kept experts.
+  TOPK_SOFTMAX          logits (+ router bias) -> top-k -> softmax over the k values   (GPT-OSS)
+      pruned logits set to -inf before top-k.
+
+The restricted router also maps each chosen expert id to the slot that holds it (identity on a
+stock model; the expert cache sets it), so the experts module only ever sees resident slots.
+
+Legend: T tokens, E routed experts, k top_k, G groups.
+"""
+
+from __future__ import annotations
+
+import enum
+import types
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from domex.store.mask import Mask
+
+
+class RoutingRule(enum.Enum):
+    SOFTMAX_TOPK = "softmax_topk"
+    SIGMOID_BIAS_GROUPED = "sigmoid_bias_grouped"
+    TOPK_SOFTMAX = "topk_softmax"
+
+
+SOFTMAX_MODES = ("renormalize", "full_softmax")
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    """The routing facts of one model, read from its config by the family adapter."""
+
+    rule: RoutingRule
+    num_experts: int
+    top_k: int
+    renormalize: bool = True
+    scaling: float = 1.0
+    n_group: int = 1
+    topk_group: int = 1
+    cast_weights: bool = True  # weights returned in the logits' dtype (all but Mixtral, which keeps fp32)
+
+
+def route(logits: torch.Tensor, allowed: torch.Tensor, cfg: RouterConfig, *, bias: torch.Tensor | None = None,
+          mode: str = "renormalize") -> tuple[torch.Tensor, torch.Tensor]:
+    """Weights [T, k] and expert ids [T, k] over the allowed experts only. logits: [T, E], allowed: [E] bool."""
+    if cfg.rule is RoutingRule.SOFTMAX_TOPK:
+        return _softmax_topk(logits, allowed, cfg, mode)
+    if cfg.rule is RoutingRule.SIGMOID_BIAS_GROUPED:
+        return _sigmoid_grouped(logits, allowed, cfg, bias)
+    return _topk_softmax(logits, allowed, cfg)
+
+
+def _softmax_topk(logits, allowed, cfg, mode):
+    if mode not in SOFTMAX_MODES:
+        raise ValueError(f"unknown softmax restriction mode {mode!r}; use one of {SOFTMAX_MODES}")
+    neg = torch.finfo(torch.float32).min
+    if mode == "full_softmax" and not cfg.renormalize:
+        probs = F.softmax(logits, dim=-1, dtype=torch.float32).masked_fill(~allowed, 0.0)  # [T, E]
+    else:
+        probs = F.softmax(logits.float().masked_fill(~allowed, neg), dim=-1)  # [T, E]; pruned -> exactly 0
+    weights, ids = torch.topk(probs, cfg.top_k, dim=-1)  # [T, k]
+    if cfg.renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, ids
+
+
+def _sigmoid_grouped(logits, allowed, cfg, bias):
+    scores = logits.float().sigmoid()  # [T, E]
+    choice = scores + bias if bias is not None else scores
+    choice = choice.masked_fill(~allowed, float("-inf"))  # [T, E]
+    if cfg.n_group > 1:
+        per_group = cfg.num_experts // cfg.n_group
+        top2 = choice.view(-1, cfg.n_group, per_group).topk(2, dim=-1)[0]  # [T, G, 2]
+        second = top2[..., 1].masked_fill(torch.isinf(top2[..., 1]), 0.0)  # one kept expert: it scores alone
+        group_scores = top2[..., 0] + second  # [T, G]; -inf for a group that holds no kept expert
+        group_idx = torch.topk(group_scores, k=cfg.topk_group, dim=-1, sorted=False)[1]  # [T, topk_group]
+        group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, group_idx, True)  # [T, G]
+        in_groups = group_mask.unsqueeze(-1).expand(-1, -1, per_group).reshape(-1, cfg.num_experts)  # [T, E]
+        grouped = choice.masked_fill(~in_groups, float("-inf"))
+        enough = (~torch.isinf(grouped)).sum(dim=-1, keepdim=True) >= cfg.top_k  # [T, 1]
+        choice = torch.where(enough, grouped, choice)
+    ids = torch.topk(choice, k=cfg.top_k, dim=-1, sorted=False)[1]  # [T, k]
+    weights = scores.gather(1, ids)
+    if cfg.renormalize:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return weights * cfg.scaling, ids
+
+
+def _topk_softmax(logits, allowed, cfg):
+    top, ids = torch.topk(logits.masked_fill(~allowed, float("-inf")), cfg.top_k, dim=-1)  # [T, k]
+    return F.softmax(top, dim=-1, dtype=top.dtype), ids
+
+
+def _restricted_forward(self, hidden_states):
+    """Replaces a stock router's forward; returns what the stock router returns: (logits, weights, ids)."""
+    cfg: RouterConfig = self.domex_config
+    hidden = hidden_states.reshape(-1, self.weight.shape[1])  # [T, H]
+    fp32 = cfg.rule is RoutingRule.SIGMOID_BIAS_GROUPED
+    x, w = (hidden.float(), self.weight.float()) if fp32 else (hidden, self.weight)
+    router_bias = getattr(self, "bias", None) if cfg.rule is RoutingRule.TOPK_SOFTMAX else None
+    logits = F.linear(x, w, router_bias)  # [T, E]
+    weights, ids = route(logits, self.domex_allowed, cfg, bias=getattr(self, "e_score_correction_bias", None),
+                         mode=self.domex_mode)
+    slots = self.domex_slot_of[ids]  # [T, k]
+    assert bool((slots >= 0).all()), "a selected expert is not resident"
+    if cfg.cast_weights:
+        weights = weights.to(logits.dtype)
+    return logits, weights, slots
+
+
+def restrict_router(router: torch.nn.Module, cfg: RouterConfig, kept: tuple[int, ...], *,
+                    slot_of: torch.Tensor | None = None, mode: str = "renormalize") -> None:
+    """Make `router` choose only among `kept`; `slot_of[E]` maps expert id -> resident slot (-1: absent)."""
+    if mode not in SOFTMAX_MODES:
+        raise ValueError(f"unknown softmax restriction mode {mode!r}; use one of {SOFTMAX_MODES}")
+    device = router.weight.device
+    allowed = torch.zeros(cfg.num_experts, dtype=torch.bool, device=device)
+    allowed[list(kept)] = True
+    if slot_of is None:
+        slot_of = torch.arange(cfg.num_experts, device=device)
+    router.register_buffer("domex_allowed", allowed, persistent=False)
+    router.register_buffer("domex_slot_of", slot_of.to(device), persistent=False)
+    router.domex_config = cfg
+    router.domex_mode = mode
+    router.forward = types.MethodType(_restricted_forward, router)
+
+
+def unrestrict_router(router: torch.nn.Module) -> None:
+    for name in ("domex_allowed", "domex_slot_of"):
+        router._buffers.pop(name, None)
+    for name in ("domex_config", "domex_mode", "forward"):
+        router.__dict__.pop(name, None)
+
+
+def restrict(model: torch.nn.Module, mask: Mask, *, mode: str = "renormalize") -> None:
+    """Restrict every MoE layer of a stock transformers model to the mask's experts, in place."""
+    from .families import adapter_for
+
+    adapter = adapter_for(model.config)
+    cfg = adapter.router_config(model.config)
+    blocks = adapter.moe_blocks(model)
+    mask.check(len(blocks), cfg.num_experts, cfg.top_k)
+    for (_, block), kept in zip(blocks, mask.layers):
+        restrict_router(adapter.router(block), cfg, kept, mode=mode)
+
+
+def unrestrict(model: torch.nn.Module) -> None:
+    from .families import adapter_for
+
+    adapter = adapter_for(model.config)
+    for _, block in adapter.moe_blocks(model):
+        unrestrict_router(adapter.router(block))
