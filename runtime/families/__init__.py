@@ -81,6 +81,7 @@ class Adapter:
     fused: FusedLayout  # the in-memory layout, also how transformers saves with save_original_format=False
     per_expert: PerExpertLayout | None  # the usual on-disk layout; None where the family is fused on disk
     group_keys: tuple[str, str] | None = None  # config keys (n_group, topk_group) of group-limited routing
+    renames: tuple[tuple[str, str], ...] = ()  # on-disk -> in-memory substrings of non-expert keys (pool build)
 
     def moe_blocks(self, model: torch.nn.Module) -> list[tuple[int, torch.nn.Module]]:
         """(decoder layer index, MoE block) for every layer whose MLP has routed experts."""
@@ -91,6 +92,12 @@ class Adapter:
 
     def num_experts(self, config) -> int:
         return int(getattr(config, self.count_key))
+
+    def memory_name(self, disk_key: str) -> str:
+        """The in-memory parameter name transformers loads an on-disk key as."""
+        for old, new in self.renames:
+            disk_key = disk_key.replace(old, new)
+        return disk_key
 
 
 def _load_registry() -> dict[str, Adapter]:

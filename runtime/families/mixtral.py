@@ -11,4 +11,5 @@ ADAPTER = Adapter(
     router_config=softmax_router("num_local_experts", always_renormalize=True, cast_weights=False),
     fused=FusedLayout("model.layers.{l}.mlp.experts."),
     per_expert=PerExpertLayout("model.layers.{l}.block_sparse_moe.experts.{e}.", "w1.weight", "w3.weight", "w2.weight"),
+    renames=((".block_sparse_moe.", ".mlp."),),
 )
