@@ -82,3 +82,9 @@ class EmptyStore(StoreError):
     """The store holds no domains, so there is nothing to match a query against."""
 
     http_status = 503
+
+
+class ConfigError(DomexError, ValueError):
+    """A setting domex does not know (a fallback policy, a matcher, a routing mode)."""
+
+    http_status = 400
