@@ -108,6 +108,17 @@ def _topk_softmax(logits, allowed, cfg):
     return F.softmax(top, dim=-1, dtype=top.dtype), ids
 
 
+def router_probs(logits: torch.Tensor, cfg: RouterConfig) -> torch.Tensor:
+    """Router probabilities over all E before top-k, fp32 [T, E]: what the observer's `tcess` sums.
+
+    Softmax of the logits for SOFTMAX_TOPK and TOPK_SOFTMAX (GPT-OSS logits already hold the router
+    bias), sigmoid for SIGMOID_BIAS_GROUPED (the correction bias only steers selection).
+    """
+    if cfg.rule is RoutingRule.SIGMOID_BIAS_GROUPED:
+        return logits.float().sigmoid()  # [T, E]
+    return F.softmax(logits.float(), dim=-1)  # [T, E]
+
+
 def _restricted_forward(self, hidden_states):
     """Replaces a stock router's forward; returns what the stock router returns: (logits, weights, ids)."""
     cfg: RouterConfig = self.domex_config
