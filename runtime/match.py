@@ -24,6 +24,8 @@ from domex.store.embed import get_embedder
 from domex.store.errors import ConfigError, UnknownDomain
 from domex.store.index import DemoIndex
 
+from .routing import route, router_logits
+
 POLICIES = ("nearest", "union", "general", "full")
 MATCHERS = ("embedding", "signature")
 
@@ -112,7 +114,10 @@ class _StopForward(Exception):
 
 
 def routing_histogram(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> np.ndarray:
-    """[Q, E] share of each expert in the top-k choices of the first MoE layer, unrestricted, per query."""
+    """[Q, E] share of each expert in the unrestricted top-k choices of the first MoE layer, per query.
+
+    The forward stops at that layer's router, so no routed expert needs to be resident.
+    """
     from .families import adapter_for
 
     adapter = adapter_for(model.config)
@@ -120,11 +125,13 @@ def routing_histogram(model: torch.nn.Module, input_ids: torch.Tensor, attention
     router = adapter.router(adapter.moe_blocks(model)[0][1])
     captured = {}
 
-    def hook(module, args, output):
-        captured["logits"] = output[0]  # [Q*T, E]: the full router logits, also on a restricted router
+    def hook(module, args):
+        logits = router_logits(module, args[0], cfg)  # [Q*T, E]
+        everything = torch.ones(cfg.num_experts, dtype=torch.bool, device=logits.device)
+        captured["ids"] = route(logits, everything, cfg, bias=getattr(module, "e_score_correction_bias", None))[1]
         raise _StopForward
 
-    handle = router.register_forward_hook(hook)
+    handle = router.register_forward_pre_hook(hook)
     try:
         with torch.no_grad():
             model(input_ids=input_ids, attention_mask=attention_mask)
@@ -132,13 +139,12 @@ def routing_histogram(model: torch.nn.Module, input_ids: torch.Tensor, attention
         pass
     finally:
         handle.remove()
-    logits = captured["logits"].float().reshape(input_ids.shape[0], input_ids.shape[1], -1)  # [Q, T, E]
-    top = logits.topk(cfg.top_k, dim=-1).indices  # [Q, T, k]; softmax and sigmoid keep the logits' order
-    hist = torch.zeros(logits.shape[0], logits.shape[2])
+    ids = captured["ids"].reshape(input_ids.shape[0], input_ids.shape[1], -1)  # [Q, T, k]
     valid = (attention_mask if attention_mask is not None else torch.ones_like(input_ids)).bool()  # [Q, T]
-    for q in range(logits.shape[0]):
-        hist[q].index_add_(0, top[q][valid[q]].flatten(), torch.ones(int(valid[q].sum()) * cfg.top_k))
-    return (hist / hist.sum(dim=-1, keepdim=True).clamp_min(1)).numpy()  # [Q, E]
+    hist = torch.zeros(ids.shape[0], cfg.num_experts)  # [Q, E]
+    for q in range(ids.shape[0]):
+        hist[q].index_add_(0, ids[q][valid[q]].flatten().cpu(), torch.ones(int(valid[q].sum()) * cfg.top_k))
+    return (hist / hist.sum(dim=-1, keepdim=True).clamp_min(1)).numpy()
 
 
 class SignatureMatcher:
@@ -199,3 +205,14 @@ def fallback_domains(match: Match, policy: str, store: Store) -> list[str] | Non
     if policy == "general":
         return store.names()
     return None
+
+
+def make_matcher(kind: str, store: Store, *, engine=None, threshold: float | None = None):
+    """The matcher a server or `domex route` asked for; the signature matcher needs the model (an Engine)."""
+    if kind == "embedding":
+        return EmbeddingMatcher(store, threshold=threshold)
+    if kind == "signature":
+        if engine is None:
+            raise ConfigError("the signature matcher routes the query through the model's first layers: give --pool")
+        return SignatureMatcher(store, engine.model, engine.tokenizer, threshold=threshold)
+    raise ConfigError(f"unknown matcher {kind!r}; matchers: {', '.join(MATCHERS)}")

@@ -119,14 +119,19 @@ def router_probs(logits: torch.Tensor, cfg: RouterConfig) -> torch.Tensor:
     return F.softmax(logits.float(), dim=-1)  # [T, E]
 
 
+def router_logits(router: torch.nn.Module, hidden_states: torch.Tensor, cfg: RouterConfig) -> torch.Tensor:
+    """[T, E] logits exactly as the stock router computes them (fp32 for sigmoid routers, GPT-OSS's bias)."""
+    hidden = hidden_states.reshape(-1, router.weight.shape[1])  # [T, H]
+    fp32 = cfg.rule is RoutingRule.SIGMOID_BIAS_GROUPED
+    x, w = (hidden.float(), router.weight.float()) if fp32 else (hidden, router.weight)
+    bias = getattr(router, "bias", None) if cfg.rule is RoutingRule.TOPK_SOFTMAX else None
+    return F.linear(x, w, bias)
+
+
 def _restricted_forward(self, hidden_states):
     """Replaces a stock router's forward; returns what the stock router returns: (logits, weights, ids)."""
     cfg: RouterConfig = self.domex_config
-    hidden = hidden_states.reshape(-1, self.weight.shape[1])  # [T, H]
-    fp32 = cfg.rule is RoutingRule.SIGMOID_BIAS_GROUPED
-    x, w = (hidden.float(), self.weight.float()) if fp32 else (hidden, self.weight)
-    router_bias = getattr(self, "bias", None) if cfg.rule is RoutingRule.TOPK_SOFTMAX else None
-    logits = F.linear(x, w, router_bias)  # [T, E]
+    logits = router_logits(self, hidden_states, cfg)  # [T, E]
     weights, ids = route(logits, self.domex_allowed, cfg, bias=getattr(self, "e_score_correction_bias", None),
                          mode=self.domex_mode)
     slots = self.domex_slot_of[ids]  # [T, k]

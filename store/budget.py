@@ -194,3 +194,21 @@ def merge(score_matrices: list[np.ndarray]) -> np.ndarray:
         norm = np.abs(s).sum(axis=1, keepdims=True)  # [L, 1]
         out += np.divide(s, norm, out=np.zeros_like(s), where=norm > 0)
     return out.astype(np.float32)
+
+
+def domain_mask(patterns: list, budget: Budget, *, criterion: str = "easyep", top_k: int,
+                expert_bytes: int | None = None, rule: str = "uniform") -> Mask:
+    """The mask of one domain, or of several mixed (merged scores), under a budget.
+
+    One pattern selects on its own scores; several are merged first. Ties go to the experts the
+    demos routed to more often (the patterns' `frequency`, merged the same way), then to lower ids.
+    """
+    if not patterns:
+        raise ScoreError("a mask needs at least one domain")
+    if len(patterns) == 1:
+        scores = patterns[0].score(criterion)
+        frequency = patterns[0].scores.get("frequency")
+    else:
+        scores = merge([p.score(criterion) for p in patterns])
+        frequency = merge([p.scores["frequency"] for p in patterns]) if all("frequency" in p.scores for p in patterns) else None
+    return select(scores, budget, top_k=top_k, expert_bytes=expert_bytes, frequency=frequency, rule=rule)
