@@ -14,6 +14,10 @@ Every change is one write transaction and bumps `generation`, so a crash leaves 
 the new domain, and anything derived (the FAISS index) knows when it is stale. Every read is its
 own short transaction: a server sees a domain registered by another process on its next call.
 The environment is opened lazily per process (an LMDB handle must not cross a fork).
+
+A writer killed inside its commit may leave its transaction on disk but not yet announced in the
+lock file; processes that kept the store open then read the previous version (whole) until the
+next write transaction anywhere takes the lock and adopts the newer one (whole as well).
 """
 
 from __future__ import annotations
