@@ -1,0 +1,174 @@
+"""Expert cache: the resident set, as S slot buffers per MoE layer filled from the expert pool.
+
+Legend: L MoE layers, E routed experts, S slots per layer, H hidden, I expert intermediate size.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from domex.store.budget import Budget
+from domex.store.errors import CacheTooSmall
+from domex.store.mask import Mask
+
+from . import device as dev
+from .pool import Pool, dtype_of
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    """What one make_resident call did: experts copied in, kept, pushed out; bytes read; wall time."""
+
+    loaded: int
+    reused: int
+    evicted: int
+    bytes_read: int
+    seconds: float
+
+
+class ExpertCache:
+    """S slots per MoE layer; make_resident(mask) copies in only the experts the mask needs and lacks.
+
+    Eviction policy (per layer): a missing expert goes to a free slot if there is one, otherwise to
+    the least-recently-used slot whose expert the mask does not need ("used" = named by a mask that
+    was made resident; ties -> lower slot). Experts the mask needs are never evicted, so a mask that
+    fits is always satisfied, and experts shared by several domains are loaded once and stay while
+    any recent domain uses them. Compared with clearing the slots on every switch (the naive policy),
+    an A -> B -> A alternation reads only A \\ B and B \\ A, and with S > K the LRU slack keeps the
+    previous domain's experts resident so a switch back reads nothing.
+
+    State per layer l (host side; the router reads the device copy of slot_of):
+      slot_of[l]    [E] long   expert -> slot, -1 when not resident
+      expert_in[l]  [S] int    slot -> expert, -1 when free
+      last_used[l]  [S] int    value of `clock` when the slot's expert was last needed
+
+    Reads are preadv from the pool straight into the slot rows on CPU; on CUDA into a pinned
+    staging buffer (two halves, so reading one half overlaps the async copy of the other).
+    Counters: hits (needed and already resident), misses (loaded), bytes_loaded.
+    """
+
+    def __init__(self, pool: Pool, slots: int, device: str | torch.device = "cpu", *, budget: Budget | None = None,
+                 staging_bytes: int = 64 << 20):
+        m = pool.manifest
+        if slots < m.top_k or slots > m.num_experts:
+            raise CacheTooSmall(f"the expert cache needs between top_k={m.top_k} and E={m.num_experts} slots per layer, "
+                                f"got {slots}; change the budget (--budget)")
+        self.pool, self.num_slots, self.device, self.budget = pool, slots, dev.resolve(device), budget
+        self.slots = [pool.expert_buffers(slots, self.device) for _ in range(m.num_layers)]  # [L] {param: [S, ...]}
+        self.slot_of = [torch.full((m.num_experts,), -1, dtype=torch.long, device=self.device)
+                        for _ in range(m.num_layers)]  # [L] [E]
+        self._slot_of = [[-1] * m.num_experts for _ in range(m.num_layers)]  # host mirror
+        self._expert_in = [[-1] * slots for _ in range(m.num_layers)]  # [L][S]
+        self._last_used = [[-1] * slots for _ in range(m.num_layers)]  # [L][S]
+        self.clock = 0
+        self.hits = self.misses = self.bytes_loaded = 0
+        self.last_report: LoadReport | None = None
+        self._staging = None
+        if dev.needs_staging(self.device):
+            per_half = max(1, staging_bytes // (2 * m.expert_bytes))
+            self._staging = dev.pinned_bytes(2 * per_half * m.expert_bytes).view(2, per_half, m.expert_bytes)
+            self._fences = [dev.Fence(self.device), dev.Fence(self.device)]
+
+    @classmethod
+    def from_budget(cls, pool: Pool, budget: Budget | str | None, device: str | torch.device = "cpu") -> "ExpertCache":
+        """Slots per layer from a budget (fraction of E, experts per layer, or bytes over all layers); None = all E."""
+        m = pool.manifest
+        if budget is None:
+            return cls(pool, m.num_experts, device)
+        budget = budget if isinstance(budget, Budget) else Budget.parse(budget)
+        slots = budget.experts_per_layer(m.num_layers, m.num_experts, m.expert_bytes, m.top_k)
+        return cls(pool, slots, device, budget=budget)
+
+    def make_resident(self, mask: Mask) -> LoadReport:
+        """Make every expert of the mask resident, reading only the missing ones; raise before reading if one layer cannot fit."""
+        m = self.pool.manifest
+        mask.check(m.num_layers, m.num_experts, m.top_k)
+        for l, kept in enumerate(mask.layers):
+            if len(kept) > self.num_slots:
+                biggest = max(mask.kept_counts())
+                budget = f" (budget {self.budget.text!r})" if self.budget else ""
+                raise CacheTooSmall(
+                    f"the mask keeps {len(kept)} experts in MoE layer {l} (decoder layer {m.moe_layers[l]}) but the expert "
+                    f"cache has S={self.num_slots} slots per layer{budget}; raise the budget to at least {biggest} experts "
+                    f"per layer (--budget {biggest}, or Engine.open(budget={biggest})), or use a smaller mask")
+        start = time.perf_counter()
+        self.clock += 1
+        jobs, reused, evicted = [], 0, 0
+        for l, kept in enumerate(mask.layers):
+            slot_of, expert_in, last_used = self._slot_of[l], self._expert_in[l], self._last_used[l]
+            need = set(kept)
+            missing = [e for e in kept if slot_of[e] < 0]
+            reused += len(kept) - len(missing)
+            victims = sorted((s for s in range(self.num_slots) if expert_in[s] not in need),
+                             key=lambda s: (expert_in[s] >= 0, last_used[s], s))  # free first, then LRU
+            for e, s in zip(missing, victims):
+                if expert_in[s] >= 0:
+                    slot_of[expert_in[s]] = -1
+                    evicted += 1
+                expert_in[s], slot_of[e] = e, s
+                jobs.append((l, e, s))
+            for e in kept:
+                last_used[slot_of[e]] = self.clock
+        # the host mirror is updated before reading: a failed read invalidates the experts it touched
+        try:
+            nbytes = self._load(jobs)
+        except BaseException:
+            for l, e, s in jobs:
+                self._slot_of[l][e], self._expert_in[l][s] = -1, -1
+            raise
+        finally:
+            for l in sorted({j[0] for j in jobs}):
+                self.slot_of[l].copy_(torch.tensor(self._slot_of[l], dtype=torch.long))
+        self.hits += reused
+        self.misses += len(jobs)
+        self.bytes_loaded += nbytes
+        self.last_report = LoadReport(len(jobs), reused, evicted, nbytes, time.perf_counter() - start)
+        return self.last_report
+
+    def _load(self, jobs: list[tuple[int, int, int]]) -> int:
+        names = [p.name for p in self.pool.manifest.expert_params]
+        if self._staging is None:  # host slots: read straight into the slot rows
+            for l, e, s in jobs:
+                self.pool.read_into(l, e, [self.slots[l][p][s] for p in names])
+            return len(jobs) * self.pool.manifest.expert_bytes
+        per_half = self._staging.shape[1]
+        for i, (l, e, s) in enumerate(jobs):
+            half, j = divmod(i, per_half)
+            half %= 2
+            if j == 0:
+                self._fences[half].wait()  # the async copies out of this half are done
+            rows = self._staging_views(half, j)
+            self.pool.read_into(l, e, rows)
+            for p, row in zip(names, rows):
+                self.slots[l][p][s].copy_(row, non_blocking=True)
+            if j == per_half - 1 or i == len(jobs) - 1:
+                self._fences[half] = dev.Fence(self.device)
+        dev.synchronize(self.device)
+        return len(jobs) * self.pool.manifest.expert_bytes
+
+    def _staging_views(self, half: int, j: int) -> list[torch.Tensor]:
+        record = self._staging[half, j]  # [expert_bytes] uint8
+        return [record[p.offset:p.offset + p.nbytes].view(dtype_of(p.dtype)).view(p.shape)
+                for p in self.pool.manifest.expert_params]
+
+    def resident(self) -> Mask:
+        """The experts held right now (a superset of the last mask when S exceeds it)."""
+        m = self.pool.manifest
+        return Mask.of(m.num_experts, [[e for e in ex if e >= 0] for ex in self._expert_in])
+
+    def resident_count(self) -> int:
+        return sum(e >= 0 for ex in self._expert_in for e in ex)
+
+    def slot_bytes(self) -> int:
+        """Bytes allocated for slot buffers over all layers (touched only as experts are loaded)."""
+        return self.pool.manifest.num_layers * self.num_slots * self.pool.manifest.expert_bytes
+
+    def invalidate(self, l: int, e: int) -> None:
+        """Forget expert e of layer l (nothing happens when it is not resident); it is re-read when next needed."""
+        s = self._slot_of[l][e]
+        if s >= 0:
+            self._slot_of[l][e], self._expert_in[l][s], self._last_used[l][s] = -1, -1, -1
+            self.slot_of[l][e] = -1

@@ -1,0 +1,606 @@
+"""Expert pool: an HF MoE checkpoint converted once into files that one expert can be read from in one go.
+
+    POOL_DIR/
+      manifest.json             format version, fingerprint, family, config, expert layout, offsets, checksums
+      non_experts.safetensors   every weight but the routed experts, under the in-memory (transformers) names
+      experts/layer_NNN.safetensors   one per MoE layer (NNN = decoder layer), expert-major:
+                                tensors e0000.gate_up_proj, e0000.down_proj, e0001.gate_up_proj, ...
+                                so expert e is the byte range [data_start + e * expert_bytes, + expert_bytes)
+      config.json, tokenizer files, generation_config.json   copied from the model
+
+The layer files are valid safetensors (any reader can open them); domex reads one expert with one
+`preadv` straight into its slot buffers. Each expert's bytes carry a crc32 in the manifest, checked
+the first time the expert is read in a process. Building streams one tensor at a time (one expert at
+a time for per-expert checkpoints), so peak memory stays near the largest single tensor.
+
+Legend: L MoE layers, E routed experts, H hidden, I expert intermediate size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import struct
+import zlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import torch
+
+from domex.store.errors import FingerprintMismatch, PoolError
+
+from .families import Adapter, adapter_for
+
+FORMAT = "domex-expert-pool"
+VERSION = 1
+MANIFEST = "manifest.json"
+NON_EXPERTS = "non_experts.safetensors"
+LOCK = ".pool.lock"
+ALIGN = 4096  # data sections start on a page boundary
+COPIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+          "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json")
+
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+          "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+ST_NAME = {v: k for k, v in DTYPES.items()}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def dtype_of(name: str) -> torch.dtype:
+    return getattr(torch, name)
+
+
+# ---------------------------------------------------------------------------------------------
+# safetensors files, read and written by offsets (no whole-file loads, no mapping kept alive)
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    begin: int  # absolute byte offset in the file
+    end: int
+
+
+def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
+    """Tensor entries (absolute offsets) and __metadata__ of a safetensors file, from its header only."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise PoolError(f"{path}: truncated safetensors file ({len(head)} bytes); rebuild it")
+        (n,) = struct.unpack("<Q", head)
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise PoolError(f"{path}: unreadable safetensors header ({e}); the file is corrupt, rebuild it") from None
+    meta = header.pop("__metadata__", None) or {}
+    start = 8 + n
+    entries = {}
+    for name, h in header.items():
+        if h["dtype"] not in DTYPES:
+            raise PoolError(f"{path}: tensor {name} has dtype {h['dtype']}, which domex cannot read")
+        b, e = h["data_offsets"]
+        entries[name] = TensorEntry(DTYPES[h["dtype"]], tuple(h["shape"]), start + b, start + e)
+    return entries, meta
+
+
+def _as_bytes(t: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor, without a copy."""
+    return memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+def pread_into(fd: int, buffers: list[torch.Tensor], offset: int, path: Path | str = "") -> None:
+    """Fill CPU tensors, in order, from one contiguous byte range of a file (one preadv, looped if short)."""
+    views = [_as_bytes(b) if b.is_contiguous() else None for b in buffers]
+    assert all(v is not None for v in views), "pread_into needs contiguous buffers"
+    want = sum(v.nbytes for v in views)
+    done = 0
+    while done < want:
+        n = os.preadv(fd, _skip(views, done), offset + done)
+        if n == 0:
+            raise PoolError(f"{path}: file ends at byte {offset + done}, expected {want - done} more bytes; "
+                            "the file is truncated, rebuild the pool with `domex pool build`")
+        done += n
+
+
+def _skip(views: list[memoryview], n: int) -> list[memoryview]:
+    out = []
+    for v in views:
+        if n >= v.nbytes:
+            n -= v.nbytes
+            continue
+        out.append(v[n:])
+        n = 0
+    return out
+
+
+def write_safetensors(path: Path, specs: list[tuple[str, torch.dtype, tuple[int, ...]]],
+                      tensors: Iterable[torch.Tensor], metadata: dict[str, str],
+                      on_record: Callable[[str, memoryview], None] | None = None) -> None:
+    """Stream tensors into a safetensors file in the given order: header first (from specs), then bytes.
+
+    Written to `path.tmp`, fsynced, renamed: a reader that has the old file open keeps a whole file.
+    The header is padded with spaces so the data section starts on a page boundary.
+    """
+    header, offset = {"__metadata__": metadata}, 0
+    for name, dtype, shape in specs:
+        nbytes = dtype.itemsize * _numel(shape)
+        header[name] = {"dtype": ST_NAME[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-(8 + len(raw)) % ALIGN)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        count = 0
+        for (name, dtype, shape), t in zip(specs, tensors, strict=True):
+            assert t.dtype == dtype and tuple(t.shape) == tuple(shape), (name, t.dtype, t.shape, dtype, shape)
+            data = _as_bytes(t)
+            f.write(data)
+            if on_record:
+                on_record(name, data)
+            count += 1
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+# ---------------------------------------------------------------------------------------------
+# the source checkpoint
+
+
+class Checkpoint:
+    """An HF checkpoint folder: sharded (model.safetensors.index.json) or single file; reads by offset."""
+
+    def __init__(self, model_dir: str | Path):
+        self.dir = Path(model_dir)
+        if not (self.dir / "config.json").is_file():
+            raise PoolError(f"{self.dir}: no config.json; give the folder of an HF checkpoint (config.json + *.safetensors)")
+        index = self.dir / "model.safetensors.index.json"
+        if index.is_file():
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        else:
+            files = sorted(p.name for p in self.dir.glob("*.safetensors"))
+        if not files:
+            raise PoolError(f"{self.dir}: no *.safetensors files; domex reads safetensors checkpoints only "
+                            "(convert .bin weights with transformers' save_pretrained first)")
+        self.entries: dict[str, tuple[Path, TensorEntry]] = {}
+        for name in files:
+            path = self.dir / name
+            if not path.is_file():
+                raise PoolError(f"{path}: shard listed in model.safetensors.index.json is missing")
+            entries, _ = read_header(path)
+            self.entries.update({k: (path, v) for k, v in entries.items()})
+        self._fds: dict[Path, int] = {}
+
+    def config(self) -> dict:
+        return json.loads((self.dir / "config.json").read_text())
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.entries
+
+    def _fd(self, path: Path) -> int:
+        if path not in self._fds:
+            self._fds[path] = os.open(path, os.O_RDONLY)
+        return self._fds[path]
+
+    def read(self, key: str) -> torch.Tensor:
+        """One whole tensor, read into fresh memory."""
+        path, e = self.entries[key]
+        out = torch.empty(e.shape, dtype=e.dtype)
+        pread_into(self._fd(path), [out], e.begin, path)
+        return out
+
+    def read_row(self, key: str, i: int) -> torch.Tensor:
+        """Row i of the leading dimension (expert i of a fused [E, ...] tensor), reading only its bytes."""
+        path, e = self.entries[key]
+        out = torch.empty(e.shape[1:], dtype=e.dtype)
+        pread_into(self._fd(path), [out], e.begin + i * out.nbytes, path)
+        return out
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
+def fingerprint(model_dir: str | Path) -> str:
+    """sha256 over config.json (canonical JSON), every tensor's name, dtype and shape, and 64 bytes of
+    up to 16 tensors spread over the sorted names: cheap, and different for another model or another
+    training run of the same architecture."""
+    ckpt = Checkpoint(model_dir)
+    h = hashlib.sha256()
+    config = ckpt.config()
+    config.pop("transformers_version", None)
+    h.update(json.dumps(config, sort_keys=True).encode())
+    names = sorted(ckpt.entries)
+    for name in names:
+        e = ckpt.entries[name][1]
+        h.update(f"{name}|{dtype_name(e.dtype)}|{list(e.shape)}\n".encode())
+    for name in names[:: max(1, len(names) // 16)][:16]:
+        path, e = ckpt.entries[name]
+        h.update(os.pread(ckpt._fd(path), min(64, e.end - e.begin), e.begin))
+    ckpt.close()
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# the manifest
+
+
+@dataclass(frozen=True)
+class ExpertParam:
+    """One parameter of one expert inside an expert's record: in-memory name, shape without E, offset."""
+
+    name: str  # e.g. "gate_up_proj"
+    shape: tuple[int, ...]  # e.g. (2I, H)
+    dtype: str  # torch dtype name, e.g. "bfloat16"
+    offset: int  # bytes from the start of the expert's record
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class PoolManifest:
+    fingerprint: str
+    model_type: str
+    config: dict
+    num_experts: int  # E
+    top_k: int
+    moe_layers: tuple[int, ...]  # [L] decoder layer index of each MoE layer
+    experts_module: tuple[str, ...]  # [L] qualified name of each MoE layer's experts module
+    expert_params: tuple[ExpertParam, ...]
+    expert_bytes: int  # one expert's record
+    layer_files: tuple[str, ...]  # [L] relative to the pool dir
+    data_start: tuple[int, ...]  # [L] byte offset of expert 0 in each layer file
+    checksums: tuple[tuple[int, ...], ...]  # [L][E] crc32 of each expert's record
+    non_expert_file: str
+    non_expert_bytes: int
+    file_sizes: dict  # relative path -> bytes
+    source_layout: str  # "per_expert" | "fused": how the checkpoint stored the experts
+    version: int = VERSION
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.moe_layers)
+
+    def offset(self, l: int, e: int) -> int:
+        """Byte offset of expert e of MoE layer l in its layer file."""
+        return self.data_start[l] + e * self.expert_bytes
+
+    def to_json(self) -> dict:
+        return {"format": FORMAT, **asdict(self)}
+
+    @classmethod
+    def from_json(cls, data: dict, where: str = MANIFEST) -> "PoolManifest":
+        if data.get("format") != FORMAT or data.get("version") != VERSION:
+            raise PoolError(f"{where}: not a domex pool manifest of version {VERSION} (format {data.get('format')!r}, "
+                            f"version {data.get('version')!r}); rebuild the pool with `domex pool build MODEL_DIR POOL_DIR`")
+        data = {k: v for k, v in data.items() if k != "format"}
+        data["expert_params"] = tuple(ExpertParam(p["name"], tuple(p["shape"]), p["dtype"], p["offset"], p["nbytes"])
+                                      for p in data["expert_params"])
+        data["checksums"] = tuple(tuple(c) for c in data["checksums"])
+        for key in ("moe_layers", "experts_module", "layer_files", "data_start"):
+            data[key] = tuple(data[key])
+        return cls(**data)
+
+    @classmethod
+    def from_dir(cls, pool_dir: str | Path) -> "PoolManifest":
+        path = Path(pool_dir) / MANIFEST
+        if not path.is_file():
+            raise PoolError(f"{pool_dir}: no {MANIFEST}, so this is not an expert pool (or its build did not finish); "
+                            f"build one with `domex pool build MODEL_DIR {pool_dir}`")
+        return cls.from_json(json.loads(path.read_text()), str(path))
+
+
+# ---------------------------------------------------------------------------------------------
+# building
+
+
+@contextlib.contextmanager
+def _locked(pool_dir: Path, exclusive: bool) -> Iterator[int]:
+    fd = os.open(pool_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        what = "open for serving (an Engine or another process holds it)" if exclusive else "being built"
+        raise PoolError(f"{pool_dir}: the pool is {what}; "
+                        + ("close it first, or build into another POOL_DIR" if exclusive else "wait for the build to finish")) from None
+    try:
+        yield fd
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
+def meta_model(config: dict) -> torch.nn.Module:
+    """The transformers model of a config, every tensor on the meta device (no memory)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model(**config)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(cfg)
+
+
+def _expert_names(model: torch.nn.Module, adapter: Adapter) -> list[tuple[int, str]]:
+    """(decoder layer, qualified experts module name) of every MoE layer."""
+    names = {id(m): n for n, m in model.named_modules()}
+    return [(i, names[id(block.experts)]) for i, block in adapter.moe_blocks(model)]
+
+
+def _expert_reader(ckpt: Checkpoint, adapter: Adapter, layer: int) -> tuple[str, Callable[[int], dict[str, torch.Tensor]]]:
+    """How this checkpoint stores layer `layer`'s experts (fused keys or per-expert keys), and a reader of one expert."""
+    fused_keys = adapter.fused.tensor_keys(layer)
+    if all(k in ckpt for k in fused_keys):
+        return "fused", lambda e: adapter.fused.read(ckpt.read_row, layer, e)
+    if adapter.per_expert is not None and all(k in ckpt for k in adapter.per_expert.keys(layer, 0)):
+        return "per_expert", lambda e: adapter.per_expert.read(ckpt.read, layer, e)
+    wanted = fused_keys + (adapter.per_expert.keys(layer, 0) if adapter.per_expert else [])
+    raise PoolError(f"{ckpt.dir}: decoder layer {layer} is an MoE layer but none of its expert keys were found "
+                    f"(looked for {wanted}); the checkpoint does not match its config.json")
+
+
+def build(model_dir: str | Path, pool_dir: str | Path, *, progress: bool = True) -> PoolManifest:
+    """Convert an HF MoE checkpoint folder into an expert pool (see the module docstring for the layout)."""
+    from tqdm import tqdm
+
+    model_dir, pool_dir = Path(model_dir), Path(pool_dir)
+    ckpt = Checkpoint(model_dir)
+    config = ckpt.config()
+    adapter = adapter_for(config.get("model_type"))
+    if pool_dir.exists() and any(pool_dir.iterdir()) and not (pool_dir / MANIFEST).exists() \
+            and not (pool_dir / LOCK).exists():
+        raise PoolError(f"{pool_dir} exists, is not empty and is not an expert pool; give an empty or new POOL_DIR")
+    (pool_dir / "experts").mkdir(parents=True, exist_ok=True)
+    fp = fingerprint(model_dir)
+    meta = {"domex_fingerprint": fp, "format": FORMAT}
+    model = meta_model(config)
+    num_experts = adapter.num_experts(model.config)
+    router_cfg = adapter.router_config(model.config)
+    moe = _expert_names(model, adapter)
+    expert_param_names = {f"{mod}.{p}" for _, mod in moe for p, _ in model.get_submodule(mod).named_parameters()}
+
+    # non-expert tensors: every state_dict entry of the model except the routed experts
+    on_disk = {adapter.memory_name(k): k for k in ckpt.entries}
+    tied = set(getattr(model, "_tied_weights_keys", None) or {}) if getattr(model.config, "tie_word_embeddings", False) else set()
+    specs = []
+    for name, t in model.state_dict().items():
+        if name in expert_param_names or (name in tied and name not in on_disk):
+            continue
+        if name not in on_disk:
+            raise PoolError(f"{model_dir}: the model needs tensor {name!r} but no checkpoint key maps to it; "
+                            "the checkpoint does not match its config.json")
+        e = ckpt.entries[on_disk[name]][1]
+        if e.shape != tuple(t.shape):
+            raise PoolError(f"{model_dir}: tensor {on_disk[name]!r} has shape {list(e.shape)}, the config implies {list(t.shape)}")
+        specs.append((name, e.dtype, e.shape))
+
+    # expert layout of one record, from the first MoE layer's first expert
+    layouts = {layer: _expert_reader(ckpt, adapter, layer) for layer, _ in moe}
+    sample = layouts[moe[0][0]][1](0)
+    params, offset = [], 0
+    for p in adapter.fused.params:
+        t = sample[p]
+        params.append(ExpertParam(p, tuple(t.shape), dtype_name(t.dtype), offset, t.nbytes))
+        offset += t.nbytes
+    expert_bytes = offset
+
+    total = len(specs) + len(moe) * num_experts
+    bar = tqdm(total=total, desc=f"pool build {model_dir.name}", unit="tensor", disable=not progress)
+    with _locked(pool_dir, exclusive=True):
+        def non_expert_tensors():
+            for name, _, _ in specs:
+                yield ckpt.read(on_disk[name])
+                bar.update(1)
+
+        write_safetensors(pool_dir / NON_EXPERTS, specs, non_expert_tensors(), meta)
+        layer_files, data_start, checksums = [], [], []
+        for layer, _ in moe:
+            kind, read = layouts[layer]
+            rel = f"experts/layer_{layer:03d}.safetensors"
+            lspecs = [(f"e{e:05d}.{p.name}", dtype_of(p.dtype), p.shape) for e in range(num_experts) for p in params]
+            crcs = [0] * num_experts
+
+            def expert_tensors():
+                for e in range(num_experts):
+                    record = read(e)  # {param: [in-memory per-expert shape]}
+                    for p in params:
+                        yield record[p.name]
+                    bar.update(1)
+
+            def on_record(name: str, data: memoryview) -> None:
+                e = int(name[1:6])
+                crcs[e] = zlib.crc32(data, crcs[e])
+
+            write_safetensors(pool_dir / rel, lspecs, expert_tensors(), meta, on_record)
+            entries, _ = read_header(pool_dir / rel)
+            layer_files.append(rel)
+            data_start.append(entries[f"e00000.{params[0].name}"].begin)
+            checksums.append(tuple(crcs))
+        bar.close()
+        ckpt.close()
+        for name in COPIED:
+            if (model_dir / name).is_file():
+                tmp = pool_dir / (name + ".tmp")
+                shutil.copyfile(model_dir / name, tmp)
+                os.replace(tmp, pool_dir / name)
+        files = [NON_EXPERTS, *layer_files]
+        manifest = PoolManifest(
+            fingerprint=fp, model_type=adapter.model_type, config=config, num_experts=num_experts,
+            top_k=router_cfg.top_k, moe_layers=tuple(l for l, _ in moe), experts_module=tuple(m for _, m in moe),
+            expert_params=tuple(params), expert_bytes=expert_bytes, layer_files=tuple(layer_files),
+            data_start=tuple(data_start), checksums=tuple(checksums), non_expert_file=NON_EXPERTS,
+            non_expert_bytes=sum(d.itemsize * _numel(s) for _, d, s in specs),
+            file_sizes={f: (pool_dir / f).stat().st_size for f in files},
+            source_layout="+".join(sorted({layouts[l][0] for l, _ in moe})),
+        )
+        tmp = pool_dir / (MANIFEST + ".tmp")
+        tmp.write_text(json.dumps(manifest.to_json(), indent=1))
+        os.replace(tmp, pool_dir / MANIFEST)
+    return manifest
+
+
+# ---------------------------------------------------------------------------------------------
+# reading
+
+
+class Pool:
+    """An opened pool: checked manifest and files, one descriptor per layer file, a shared lock.
+
+    The shared lock keeps `domex pool build` from rewriting the pool while it is served.
+    Expert reads are `preadv` into caller buffers (no mapping kept alive, so process RSS holds
+    only the experts copied out); each expert's crc32 is checked the first time it is read here.
+    """
+
+    def __init__(self, pool_dir: str | Path):
+        self.dir = Path(pool_dir)
+        if not self.dir.is_dir():
+            raise PoolError(f"{self.dir}: no such pool folder; build one with `domex pool build MODEL_DIR {self.dir}`")
+        self.manifest = m = PoolManifest.from_dir(self.dir)
+        self._lock = _locked(self.dir, exclusive=False)
+        self._lock.__enter__()
+        self.adapter = adapter_for(m.model_type)
+        for rel, size in m.file_sizes.items():
+            path = self.dir / rel
+            if not path.is_file():
+                self.close()
+                raise PoolError(f"{path}: pool file missing; the pool is incomplete, rebuild it with "
+                                f"`domex pool build MODEL_DIR {self.dir}`")
+            if path.stat().st_size != size:
+                self.close()
+                raise PoolError(f"{path}: {path.stat().st_size} bytes, the manifest says {size}; the file is truncated "
+                                f"or from another build, rebuild the pool with `domex pool build MODEL_DIR {self.dir}`")
+            _, meta = read_header(path)
+            if meta.get("domex_fingerprint") != m.fingerprint:
+                self.close()
+                raise FingerprintMismatch(
+                    f"{path}: written for model fingerprint {str(meta.get('domex_fingerprint'))[:12]}..., the manifest is "
+                    f"for {m.fingerprint[:12]}...; the pool mixes files of two models, rebuild it with "
+                    f"`domex pool build MODEL_DIR {self.dir}`")
+        self._fds = [os.open(self.dir / rel, os.O_RDONLY) for rel in m.layer_files]
+        self._verified = [[False] * m.num_experts for _ in m.layer_files]  # [L][E]
+
+    @property
+    def fingerprint(self) -> str:
+        return self.manifest.fingerprint
+
+    def check_fingerprint(self, expected: str, what: str) -> None:
+        """Refuse an artefact (a store, a pattern) made for another model than this pool's."""
+        if expected != self.fingerprint:
+            raise FingerprintMismatch(
+                f"{what} was made for model fingerprint {expected[:12]}..., the pool {self.dir} holds "
+                f"{self.fingerprint[:12]}...; use the pool built from the same model, or re-register the domains on this one")
+
+    def expert_buffers(self, count: int, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        """Empty [count, ...] tensors for every expert parameter, in the pool's dtypes."""
+        return {p.name: torch.empty((count, *p.shape), dtype=dtype_of(p.dtype), device=device)
+                for p in self.manifest.expert_params}
+
+    def read_into(self, l: int, e: int, buffers: list[torch.Tensor]) -> int:
+        """Read expert e of MoE layer l into CPU tensors (one per parameter, manifest order); returns bytes.
+
+        A crc32 mismatch on the first read of an expert in this process raises PoolError.
+        """
+        m = self.manifest
+        pread_into(self._fds[l], buffers, m.offset(l, e), self.dir / m.layer_files[l])
+        if not self._verified[l][e]:
+            crc = 0
+            for b in buffers:
+                crc = zlib.crc32(_as_bytes(b), crc)
+            if crc != m.checksums[l][e]:
+                raise PoolError(f"{self.dir / m.layer_files[l]}: MoE layer {l} (decoder layer {m.moe_layers[l]}), "
+                                f"expert {e}: checksum {crc:08x} != manifest {m.checksums[l][e]:08x}; the pool file is "
+                                f"corrupt, rebuild it with `domex pool build MODEL_DIR {self.dir}`")
+            self._verified[l][e] = True
+        return m.expert_bytes
+
+    def read_expert(self, l: int, e: int) -> dict[str, torch.Tensor]:
+        """Expert e of MoE layer l as {param: tensor} in the in-memory per-expert shapes (e.g. gate_up_proj [2I, H])."""
+        out = {k: v[0] for k, v in self.expert_buffers(1).items()}
+        self.read_into(l, e, list(out.values()))
+        return out
+
+    def non_expert_state_dict(self, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        from safetensors.torch import load_file
+
+        return load_file(self.dir / self.manifest.non_expert_file, device=str(device))
+
+    def close(self) -> None:
+        for fd in getattr(self, "_fds", []):
+            os.close(fd)
+        self._fds = []
+        if self._lock is not None:
+            self._lock.__exit__(None, None, None)
+            self._lock = None
+
+    def __enter__(self) -> "Pool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def open_pool(pool: "Pool | str | Path") -> Pool:
+    return pool if isinstance(pool, Pool) else Pool(pool)
+
+
+def load_skeleton(pool: Pool, device: torch.device | str = "cpu") -> torch.nn.Module:
+    """The model with every non-expert weight loaded and the routed expert parameters still on meta.
+
+    Non-persistent buffers (rotary inv_freq) are not in the pool: they are recomputed by building
+    their module again on the real device from its config.
+    """
+    model = meta_model(pool.manifest.config)
+    experts = {f"{m}.{p.name}" for m in pool.manifest.experts_module for p in pool.manifest.expert_params}
+    missing, unexpected = model.load_state_dict(pool.non_expert_state_dict(device), strict=False, assign=True)
+    assert not unexpected, unexpected
+    if set(missing) - experts:
+        model.tie_weights()  # tied lm_head: the pool stores the embedding once, as the checkpoint did
+    for name, module in model.named_modules():
+        stale = [b for b, t in module.named_buffers(recurse=False) if t.is_meta]
+        if stale:
+            if not hasattr(module, "config"):
+                raise PoolError(f"module {name} ({type(module).__name__}) has buffers {stale} that are not in the pool "
+                                "and cannot be rebuilt from a config; this architecture needs support in runtime/pool.py")
+            with torch.device(device):
+                fresh = type(module)(module.config)
+            for b in stale:
+                module._buffers[b] = fresh._buffers[b]
+    left = [n for n, p in model.named_parameters() if p.is_meta and n not in experts]
+    assert not left, f"parameters not loaded from the pool: {left[:5]}"
+    return model.eval()
+
+
+def load_full_model(pool: "Pool | str | Path") -> torch.nn.Module:
+    """The whole transformers model on CPU, every routed expert read from the pool (for the indexer/observer)."""
+    owned = not isinstance(pool, Pool)
+    pool = open_pool(pool)
+    try:
+        model = load_skeleton(pool)
+        m = pool.manifest
+        for l, name in enumerate(m.experts_module):
+            experts = model.get_submodule(name)
+            params = pool.expert_buffers(m.num_experts)  # {param: [E, ...]}
+            for e in range(m.num_experts):
+                pool.read_into(l, e, [t[e] for t in params.values()])
+            for p, t in params.items():
+                setattr(experts, p, torch.nn.Parameter(t, requires_grad=False))
+    finally:
+        if owned:
+            pool.close()
+    return model
