@@ -135,14 +135,15 @@ def rank(scores: np.ndarray, frequency: np.ndarray | None = None) -> np.ndarray:
 
 def select(
     scores: np.ndarray,
-    budget: Budget,
+    budget: Budget | str,
     *,
     top_k: int,
     expert_bytes: int | None = None,
     frequency: np.ndarray | None = None,
     rule: str = "uniform",
 ) -> Mask:
-    """The kept experts of every layer for one score matrix [L, E] under a budget."""
+    """The kept experts of every layer for one score matrix [L, E] under a budget (a Budget or its text)."""
+    budget = budget if isinstance(budget, Budget) else Budget.parse(budget)
     if rule not in RULES:
         raise BudgetError(f"unknown selection rule {rule!r}; rules: {', '.join(RULES)}")
     order = rank(scores, frequency)  # [L, E]
@@ -196,19 +197,21 @@ def merge(score_matrices: list[np.ndarray]) -> np.ndarray:
     return out.astype(np.float32)
 
 
-def domain_mask(patterns: list, budget: Budget, *, criterion: str = "easyep", top_k: int,
-                expert_bytes: int | None = None, rule: str = "uniform") -> Mask:
+def domain_mask(patterns: list, budget: Budget, criterion: str = "easyep", rule: str = "uniform") -> Mask:
     """The mask of one domain, or of several mixed (merged scores), under a budget.
 
     One pattern selects on its own scores; several are merged first. Ties go to the experts the
     demos routed to more often (the patterns' `frequency`, merged the same way), then to lower ids.
+    top_k and the bytes of one expert come from the patterns' settings (written by the indexer).
     """
     if not patterns:
         raise ScoreError("a mask needs at least one domain")
     if len(patterns) == 1:
-        scores = patterns[0].score(criterion)
+        scores = patterns[0].score(criterion)  # [L, E]
         frequency = patterns[0].scores.get("frequency")
     else:
-        scores = merge([p.score(criterion) for p in patterns])
+        scores = merge([p.score(criterion) for p in patterns])  # [L, E]
         frequency = merge([p.scores["frequency"] for p in patterns]) if all("frequency" in p.scores for p in patterns) else None
-    return select(scores, budget, top_k=top_k, expert_bytes=expert_bytes, frequency=frequency, rule=rule)
+    settings = patterns[0].settings
+    return select(scores, budget, top_k=int(settings["top_k"]), expert_bytes=settings.get("expert_bytes"),
+                  frequency=frequency, rule=rule)

@@ -41,7 +41,6 @@ _SUBDBS = ("meta", "domains", "scores", "demos", "embeddings")
 _MAX_GROWTHS = 16
 _OPEN: dict[str, tuple] = {}  # resolved folder -> (pid, env, sub-dbs): one env per process and folder
 _OPEN_LOCK = threading.Lock()
-_INHERITED: list = []  # envs a forked child got from its parent; kept alive so the child never closes them
 
 
 def _json(obj) -> bytes:
@@ -84,7 +83,10 @@ class Store:
                 opened = _OPEN.get(key)
                 if opened is None or opened[0] != os.getpid():
                     if opened is not None:
-                        _INHERITED.append(opened)  # opened before a fork: never touch or close it here
+                        # opened before a fork: LMDB forbids using it here and py-lmdb refuses a second
+                        # open while it is open. Closing is safe: with no cached read txns it frees
+                        # only this process's reader slots and mappings, never the parent's
+                        opened[1].close()
                     opened = _OPEN[key] = (os.getpid(), *self._open_env())
         self._dbs = opened[2]
         return opened[1]
@@ -97,6 +99,8 @@ class Store:
             raise StoreError(f"cannot open the pattern store at {self.path}: {e}; check the folder and its permissions") from None
         env.reader_check()  # free reader slots of processes that died (a killed server)
         dbs = {name: env.open_db(name.encode()) for name in _SUBDBS}
+        # a write txn even for a reader: it creates meta on first use, and taking the write lock
+        # adopts a commit that a killed writer left unannounced
         with env.begin(write=True) as txn:
             version = txn.get(b"schema_version", db=dbs["meta"])
             if version is None:

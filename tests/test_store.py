@@ -160,6 +160,20 @@ def test_other_process_sees_domain_registered_later(tmp_path):
     assert seen["label"] == "beta" and seen["sim"] == pytest.approx(1.0, abs=1e-5)
 
 
+def test_forked_child_opens_its_own_environment(tmp_path):
+    store = Store.open(tmp_path / "s", fingerprint=FP)
+    store.register(make_pattern("alpha", 1))
+    parent_env = store._env()
+    pid = os.fork()
+    if pid == 0:  # child: must not use the parent's handle, and can still read and write
+        ok = store._env() is not parent_env and store.names() == ["alpha"]
+        store.register(make_pattern("beta", 2))
+        os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert store._env() is parent_env and store.names() == ["alpha", "beta"]
+
+
 def test_index_follows_the_store(tmp_path):
     store = Store.open(tmp_path / "s", fingerprint=FP)
     a, b = make_pattern("alpha", 1, n=3), make_pattern("beta", 2, n=4)
