@@ -23,7 +23,163 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-ADDERS: list = []
+def add_route(sub) -> None:
+    p = sub.add_parser("route", help="match a text to a stored domain and print the decision")
+    p.add_argument("--store", required=True, help="pattern store folder")
+    p.add_argument("--matcher", default="embedding", help="embedding (default) or signature (needs --pool)")
+    p.add_argument("--pool", help="expert pool; needed by the signature matcher")
+    p.add_argument("--threshold", type=float, help="out-of-domain similarity threshold (default: calibrated on the demos)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("text")
+    p.set_defaults(func=_route)
+
+
+def _route(args) -> int:
+    import json
+
+    from domex.store.db import Store
+
+    from .match import make_matcher
+
+    engine = None
+    if args.pool:
+        from .engine import Engine
+
+        engine = Engine.open(args.pool, budget="100%")
+    store = Store.open(args.store, create=False)
+    match = make_matcher(args.matcher, store, engine=engine, threshold=args.threshold).match_many([args.text])[0]
+    if args.json:
+        print(json.dumps(match.to_json()))
+    else:
+        flag = "  OUT-OF-DOMAIN" if match.ood else ""
+        print(f"{match.domain}  similarity={match.similarity:.3f}  margin={match.margin:.3f}  "
+              f"threshold={match.threshold:.3f}  matcher={match.matcher}{flag}")
+    return 0
+
+
+def add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server that loads each query's domain experts")
+    p.add_argument("--pool", required=True, help="expert pool folder (domex pool build)")
+    p.add_argument("--store", required=True, help="pattern store folder (domex register)")
+    p.add_argument("--budget", default="50%", help="resident experts per layer: '50%%', '16' or bytes like '2GiB'")
+    p.add_argument("--criterion", default="easyep", help="which stored scores pick the experts")
+    p.add_argument("--rule", default="uniform", help="uniform (same count per layer) or coverage")
+    p.add_argument("--matcher", default="embedding", help="embedding or signature")
+    p.add_argument("--policy", default="nearest", help="out-of-domain fallback: nearest, union, general or full")
+    p.add_argument("--threshold", type=float, help="out-of-domain threshold (default: calibrated on the demos)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--admin-token", help="when set, POST/DELETE /v1/domains need 'Authorization: Bearer TOKEN'")
+    p.add_argument("--max-tokens", type=int, default=512, help="largest max_tokens a request may ask for")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    p.set_defaults(func=_serve)
+
+
+def _serve(args) -> int:
+    from .server import run
+
+    return run(args)
+
+
+ADDERS: list = [add_route, add_serve]
+
+
+def add_register(sub) -> None:
+    p = sub.add_parser("register", help="score a domain's demos on the model and store its pattern")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--pool", help="expert pool folder (domex pool build)")
+    src.add_argument("--model", help="HF checkpoint folder, instead of a pool (full mode only)")
+    p.add_argument("--store", required=True, help="pattern store folder (created on first use)")
+    p.add_argument("--domain", required=True, help="domain name")
+    p.add_argument("--criteria", default="easyep,frequency,gate_sum,reap,tcess,random",
+                   help="comma-separated criteria to score (default: all)")
+    p.add_argument("--replace", action="store_true", help="overwrite the domain if it exists")
+    p.add_argument("--streaming", action="store_true", help="run the model layer by layer (models larger than memory; needs --pool)")
+    p.add_argument("--max-len", type=int, help="truncate demos to this many tokens (default: the model's context)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random criterion")
+    p.add_argument("demos", help="JSONL file: one {\"prompt\",\"response\"} or {\"text\"} per line")
+    p.set_defaults(func=_register)
+
+
+def _register(args) -> int:
+    from .indexer import register
+
+    pattern = register(args.pool or args.model, args.store, args.domain, args.demos, criteria=args.criteria,
+                       replace=args.replace, max_len=args.max_len, streaming=args.streaming, seed=args.seed)
+    print(f"registered {pattern.name}: {len(pattern.demos)} demos, {pattern.tokens} tokens, "
+          f"{pattern.shape[0]} MoE layers x {pattern.shape[1]} experts, criteria {','.join(pattern.criteria)}")
+    return 0
+
+
+def add_domains(sub) -> None:
+    p = sub.add_parser("domains", help="list, show or delete registered domains")
+    p.add_argument("action", choices=("list", "show", "delete"))
+    p.add_argument("name", nargs="?", help="domain (show, delete)")
+    p.add_argument("--store", required=True, help="pattern store folder")
+    p.add_argument("--budget", default="0.5", help="show: budget for the kept counts and overlaps (default 0.5)")
+    p.add_argument("--criterion", default="easyep", help="show: which scores (default easyep)")
+    p.add_argument("--rule", default="uniform", help="show: uniform or coverage")
+    p.add_argument("--png", help="show: write a heatmap of the domain's scores to this PNG file")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_domains)
+
+
+def _domains(args) -> int:
+    import json
+
+    from domex.store.db import Store
+    from domex.store.errors import StoreError
+
+    store = Store.open(args.store, create=False)
+    if args.action == "list":
+        records = [store.get(n).record() for n in store.names()]
+        if args.json:
+            print(json.dumps(records))
+        for r in [] if args.json else records:
+            print(f"{r['name']}\t{r['num_demos']} demos\t{r['tokens']} tokens\t{','.join(r['criteria'])}\tupdated {r['updated']}")
+        return 0
+    if not args.name:
+        raise StoreError(f"`domex domains {args.action}` needs a domain name; registered: {', '.join(store.names()) or 'none'}")
+    if args.action == "delete":
+        store.delete(args.name)
+        print(json.dumps({"deleted": args.name}) if args.json else f"deleted {args.name}")
+        return 0
+    from .indexer import describe, heatmap
+
+    report = describe(store, args.name, args.budget, args.criterion, args.rule)
+    if args.png:
+        heatmap(store.get(args.name), args.criterion, args.png)
+    print(json.dumps(report.to_json()) if args.json else report.text())
+    return 0
+
+
+def add_mask(sub) -> None:
+    p = sub.add_parser("mask", help="write the kept experts of one domain (or a mix of several) under a budget")
+    p.add_argument("--store", required=True, help="pattern store folder")
+    p.add_argument("--domain", action="append", required=True, help="domain; repeat for a mixed mask")
+    p.add_argument("--budget", required=True, help="'0.5' or '50%%' of E, experts per layer '16', or bytes '2GiB'")
+    p.add_argument("--criterion", default="easyep", help="which stored scores (default easyep)")
+    p.add_argument("--rule", default="uniform", help="uniform (same count per layer) or coverage")
+    p.add_argument("-o", "--output", required=True, help="mask JSON file to write")
+    p.set_defaults(func=_mask)
+
+
+def _mask(args) -> int:
+    from domex.store.budget import Budget
+    from domex.store.db import Store
+
+    from .indexer import mixed_mask
+
+    store = Store.open(args.store, create=False)
+    mask = mixed_mask([store.get(d) for d in args.domain], Budget.parse(args.budget), args.criterion, args.rule)
+    mask.save(args.output)
+    print(f"wrote {args.output}: {'+'.join(args.domain)}, {sum(mask.kept_counts())} experts over {mask.num_layers} layers "
+          f"({mask.fraction():.0%}), per layer {' '.join(map(str, mask.kept_counts()))}")
+    return 0
+
+
+ADDERS += [add_register, add_domains, add_mask]
 
 
 def add_pool(sub) -> None:
@@ -64,6 +220,47 @@ def _generate(args) -> int:
 
 ADDERS += [add_pool, add_generate]
 
+def add_export(sub) -> None:
+    p = sub.add_parser("export", help="write a domain's experts as a compact HF checkpoint (vLLM / SGLang / transformers)")
+    p.add_argument("--pool", required=True, help="expert pool folder (domex pool build)")
+    p.add_argument("--store", help="pattern store folder (domex register)")
+    p.add_argument("--domain", action="append", help="domain; repeat for a mixed-domain export")
+    p.add_argument("--budget", help="kept experts per layer: '50%%', '16' or bytes like '2GiB' (uniform K)")
+    p.add_argument("--criterion", default="easyep", help="which stored scores pick the experts")
+    p.add_argument("--rule", default="uniform", help="uniform (exportable) or coverage (refused: needs one K)")
+    p.add_argument("--mask", help="mask JSON (domex mask -o), instead of --store/--domain/--budget")
+    p.add_argument("out_dir", help="new folder for the checkpoint")
+    p.set_defaults(func=_export)
+
+
+def _export(args) -> int:
+    from .export import run
+
+    return run(args)
+
+
+def add_gateway(sub) -> None:
+    p = sub.add_parser("gateway", help="OpenAI-compatible front that sends each query to its domain's upstream server")
+    p.add_argument("--store", required=True, help="pattern store folder (matches queries to domains)")
+    p.add_argument("--upstream", action="append", default=[], metavar="NAME=URL",
+                   help="domain NAME served at URL (an OpenAI-compatible server); repeat per domain")
+    p.add_argument("--default", help="upstream URL for out-of-domain queries and when a domain's upstream is down")
+    p.add_argument("--threshold", type=float, help="out-of-domain threshold (default: calibrated on the demos)")
+    p.add_argument("--health-interval", type=float, default=5.0, help="seconds between upstream health checks")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for an upstream response")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8100)
+    p.set_defaults(func=_gateway)
+
+
+def _gateway(args) -> int:
+    from .gateway import run
+
+    return run(args)
+
+
+ADDERS += [add_export, add_gateway]
+
 
 def main(argv=None) -> int:
     from domex.store.errors import DomexError
@@ -82,3 +279,4 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+

@@ -7,32 +7,8 @@ from domex.runtime.match import EmbeddingMatcher, SignatureMatcher, fallback_dom
 from domex.store.db import Store
 from domex.store.embed import get_embedder
 from domex.store.pattern import Pattern
-from tiny import tiny_model, tokens
+from tiny import DOMAINS, QUERIES, UNRELATED, tiny_model, tokens
 
-DOMAINS = {
-    "cooking": ["Whisk the eggs with sugar until pale, then fold in the flour.",
-                "Simmer the tomato sauce for twenty minutes and season with basil.",
-                "Roast the chicken at 200 degrees until the skin is golden and crisp.",
-                "Knead the bread dough for ten minutes and let it rise for an hour.",
-                "Chop the onions finely and fry them in butter until soft.",
-                "Bake the cake for forty minutes and let it cool before icing it."],
-    "python": ["def add(a, b):\n    return a + b",
-               "import os\nfor name in os.listdir('.'):\n    print(name)",
-               "class Stack:\n    def __init__(self):\n        self.items = []",
-               "with open('data.txt') as f:\n    lines = f.readlines()",
-               "try:\n    value = int(text)\nexcept ValueError:\n    value = 0",
-               "squares = [x * x for x in range(10) if x % 2 == 0]"],
-    "football": ["The striker scored twice in the second half to win the match.",
-                 "The goalkeeper saved a penalty in the final minute of the game.",
-                 "The referee showed a red card after a dangerous tackle in midfield.",
-                 "The home team won the league after a draw on the last match day.",
-                 "The coach changed the formation and brought on two new wingers.",
-                 "A header from a corner kick equalised the score before half time."],
-}
-QUERIES = {"cooking": "Stir the soup and add salt and pepper before serving it hot.",
-           "python": "def mean(values):\n    return sum(values) / len(values)",
-           "football": "The midfielder passed to the forward who shot into the top corner."}
-UNRELATED = "Quarterly revenue of the bank rose by three percent, the annual report to shareholders said."
 
 
 def register_all(path, num_layers=2, num_experts=8, scores=None):

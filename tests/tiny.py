@@ -65,3 +65,58 @@ def tiny_model(family: str, seed: int = 0, **kw) -> torch.nn.Module:
 def tokens(seed: int = 0, batch: int = 2, length: int = 12) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, COMMON["vocab_size"], (batch, length), generator=g)
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<assistant>{% endif %}")
+
+
+def tiny_tokenizer():
+    """Character-level tokenizer over printable ASCII (ids < 128, the tiny models' vocab), with a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{chr(c): c - 28 for c in range(32, 127)}}
+    vocab["\n"] = 99
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tok.decoder = decoders.Fuse()
+    out = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                  unk_token="<unk>")
+    out.chat_template = CHAT_TEMPLATE
+    return out
+
+
+def tiny_checkpoint(path, family: str = "qwen3_moe", seed: int = 0, **kw):
+    """A tiny model and its tokenizer saved as an HF checkpoint folder (per-expert keys on disk)."""
+    model = tiny_model(family, seed=seed, **kw)
+    model.save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+# Made-up domains with clearly different text, for matching and serving tests.
+DOMAINS = {
+    "cooking": ["Whisk the eggs with sugar until pale, then fold in the flour.",
+                "Simmer the tomato sauce for twenty minutes and season with basil.",
+                "Roast the chicken at 200 degrees until the skin is golden and crisp.",
+                "Knead the bread dough for ten minutes and let it rise for an hour.",
+                "Chop the onions finely and fry them in butter until soft.",
+                "Bake the cake for forty minutes and let it cool before icing it."],
+    "python": ["def add(a, b):\n    return a + b",
+               "import os\nfor name in os.listdir('.'):\n    print(name)",
+               "class Stack:\n    def __init__(self):\n        self.items = []",
+               "with open('data.txt') as f:\n    lines = f.readlines()",
+               "try:\n    value = int(text)\nexcept ValueError:\n    value = 0",
+               "squares = [x * x for x in range(10) if x % 2 == 0]"],
+    "football": ["The striker scored twice in the second half to win the match.",
+                 "The goalkeeper saved a penalty in the final minute of the game.",
+                 "The referee showed a red card after a dangerous tackle in midfield.",
+                 "The home team won the league after a draw on the last match day.",
+                 "The coach changed the formation and brought on two new wingers.",
+                 "A header from a corner kick equalised the score before half time."],
+}
+QUERIES = {"cooking": "Stir the soup and add salt and pepper before serving it hot.",
+           "python": "def mean(values):\n    return sum(values) / len(values)",
+           "football": "The midfielder passed to the forward who shot into the top corner."}
+UNRELATED = "Quarterly revenue of the bank rose by three percent, the annual report to shareholders said."

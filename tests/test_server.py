@@ -1,0 +1,140 @@
+"""`domex serve` as a real process on a free loopback port, driven over HTTP with httpx."""
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from domex.runtime.indexer import register
+from domex.runtime.pool import build
+from domex.store.demos import Demo
+from tiny import DOMAINS, QUERIES, tiny_checkpoint
+
+TOKEN = "s3cret"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(pool, store, port, *extra):
+    cmd = [sys.executable, "-m", "domex.runtime.cli", "serve", "--pool", str(pool), "--store", str(store),
+           "--budget", "4", "--port", str(port), "--admin-token", TOKEN, "--max-tokens", "24",
+           "--max-body-bytes", "20000", *extra]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"domex serve exited: {proc.stdout.read().decode()[-3000:]}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    proc.kill()
+    raise RuntimeError("domex serve did not come up in 120 s")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    build(tiny_checkpoint(root / "model"), root / "pool", progress=False)
+    for name in ("cooking", "python"):
+        register(root / "pool", root / "store", name, [Demo.from_json({"text": t}) for t in DOMAINS[name]], progress=False)
+    port = free_port()
+    proc = start_server(root / "pool", root / "store", port)
+    yield f"http://127.0.0.1:{port}"
+    proc.terminate()
+    proc.wait(timeout=20)
+
+
+def sse_events(text: str) -> list[str]:
+    return [line[len("data: "):] for line in text.splitlines() if line.startswith("data: ")]
+
+
+def test_completion_reports_the_matched_domain(server):
+    r = httpx.post(f"{server}/v1/completions", json={"prompt": QUERIES["cooking"], "max_tokens": 8}, timeout=60)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "text_completion" and isinstance(body["choices"][0]["text"], str)
+    assert body["domex"]["domain"] == "cooking" and r.headers["x-domex-domain"] == "cooking"
+    assert body["usage"]["completion_tokens"] <= 8 and body["choices"][0]["finish_reason"] in ("length", "stop")
+
+
+def test_chat_and_streaming_give_the_same_greedy_text(server):
+    msg = {"messages": [{"role": "user", "content": QUERIES["python"]}], "max_tokens": 10}
+    whole = httpx.post(f"{server}/v1/chat/completions", json=msg, timeout=60)
+    assert whole.status_code == 200, whole.text
+    assert whole.json()["object"] == "chat.completion" and whole.headers["x-domex-domain"] == "python"
+    streamed = httpx.post(f"{server}/v1/chat/completions", json={**msg, "stream": True}, timeout=60)
+    events = sse_events(streamed.text)
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert all(c["object"] == "chat.completion.chunk" and c["domex"]["domain"] == "python" for c in chunks)
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("length", "stop")
+    text = "".join(c["choices"][0]["delta"]["content"] for c in chunks)
+    assert text == whole.json()["choices"][0]["message"]["content"]
+
+
+def test_forced_domain_and_errors(server):
+    forced = httpx.post(f"{server}/v1/completions", json={"prompt": QUERIES["cooking"], "max_tokens": 2, "domain": "python"}, timeout=60)
+    assert forced.status_code == 200 and forced.json()["domex"]["domain"] == "python" and forced.json()["domex"]["forced"]
+    unknown = httpx.post(f"{server}/v1/completions", json={"prompt": "x", "domain": "astronomy", "max_tokens": 2}, timeout=30)
+    assert unknown.status_code == 404 and "forced domain 'astronomy' is not registered" in unknown.json()["error"]["message"]
+    bad_json = httpx.post(f"{server}/v1/completions", content=b"{not json", headers={"content-type": "application/json"}, timeout=30)
+    assert bad_json.status_code == 400 and "invalid request" in bad_json.json()["error"]["message"]
+    missing = httpx.post(f"{server}/v1/completions", json={"max_tokens": 3}, timeout=30)
+    assert missing.status_code == 400 and "prompt" in missing.json()["error"]["message"]
+    too_big = httpx.post(f"{server}/v1/completions", json={"prompt": "x" * 30000, "max_tokens": 2}, timeout=30)
+    assert too_big.status_code == 413 and "exceeds the limit of 20000 bytes" in too_big.json()["error"]["message"]
+    too_long = httpx.post(f"{server}/v1/completions", json={"prompt": "x", "max_tokens": 100}, timeout=30)
+    assert too_long.status_code == 400 and "max_tokens=100 exceeds this server's limit of 24" in too_long.json()["error"]["message"]
+    no_token = httpx.request("DELETE", f"{server}/v1/domains/python", timeout=30)
+    assert no_token.status_code == 401
+    wrong = httpx.post(f"{server}/v1/domains", json={"name": "x", "demos": [{"text": "a"}]},
+                       headers={"Authorization": "Bearer wrong"}, timeout=30)
+    assert wrong.status_code == 401 and "Bearer" in wrong.json()["error"]["message"]
+
+
+def test_register_while_serving_then_route_to_it(server):
+    demos = [{"text": t} for t in DOMAINS["football"]]
+    r = httpx.post(f"{server}/v1/domains", json={"name": "football", "demos": demos},
+                   headers={"Authorization": f"Bearer {TOKEN}"}, timeout=120)
+    assert r.status_code == 201, r.text
+    assert r.json()["demos"] == len(demos)
+    assert "football" in [d["name"] for d in httpx.get(f"{server}/v1/domains", timeout=30).json()["data"]]
+    q = httpx.post(f"{server}/v1/completions", json={"prompt": QUERIES["football"], "max_tokens": 4}, timeout=60)
+    assert q.status_code == 200 and q.headers["x-domex-domain"] == "football"
+    bad = httpx.post(f"{server}/v1/domains", json={"name": "broken", "demos": [{"txt": "a"}]},
+                     headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30)
+    assert bad.status_code == 400 and "demos[0]" in bad.json()["error"]["message"]
+
+
+def test_concurrent_mixed_domain_requests(server):
+    names = ["cooking", "python"] * 8
+
+    async def fire():
+        async with httpx.AsyncClient(timeout=120) as client:
+            return await asyncio.gather(*[client.post(f"{server}/v1/completions", json={"prompt": QUERIES[n], "max_tokens": 6})
+                                          for n in names])
+
+    replies = asyncio.run(fire())
+    assert [r.status_code for r in replies] == [200] * 16
+    assert [r.json()["domex"]["domain"] for r in replies] == names
+
+
+def test_metrics_count_requests_matches_and_loads(server):
+    httpx.post(f"{server}/v1/completions", json={"prompt": QUERIES["cooking"], "max_tokens": 2}, timeout=60)
+    text = httpx.get(f"{server}/metrics", timeout=30).text
+    assert 'domex_domain_matches_total{domain="cooking",ood="false"}' in text
+    assert "domex_requests_total" in text and "domex_bytes_loaded_total" in text and "domex_resident_bytes" in text
+    loaded = float(next(l.split()[-1] for l in text.splitlines() if l.startswith("domex_bytes_loaded_total")))
+    assert loaded > 0
