@@ -88,3 +88,9 @@ class ConfigError(DomexError, ValueError):
     """A setting domex does not know (a fallback policy, a matcher, a routing mode)."""
 
     http_status = 400
+
+
+class ExportError(DomexError, ValueError):
+    """A mask cannot become a compact checkpoint (non-uniform, too few experts) or the output folder is taken."""
+
+    http_status = 400

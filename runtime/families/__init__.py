@@ -99,6 +99,12 @@ class Adapter:
             disk_key = disk_key.replace(old, new)
         return disk_key
 
+    def disk_name(self, memory_key: str) -> str:
+        """The on-disk key of an in-memory name (renames undone, last first): what `domex export` writes."""
+        for old, new in reversed(self.renames):
+            memory_key = memory_key.replace(new, old)
+        return memory_key
+
 
 def _load_registry() -> dict[str, Adapter]:
     from . import deepseek_v3, gpt_oss, mixtral, olmoe, qwen2_moe, qwen3_moe
