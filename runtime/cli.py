@@ -262,6 +262,33 @@ def _gateway(args) -> int:
 ADDERS += [add_export, add_gateway]
 
 
+def add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="pruning quality per criterion x budget x domain, and routing accuracy; writes a report")
+    p.add_argument("--pool", required=True, help="expert pool folder (domex pool build)")
+    p.add_argument("--store", required=True, help="pattern store folder (domex register)")
+    p.add_argument("--budgets", default="0.25,0.5,0.75", help="comma-separated budgets (fractions, counts or bytes)")
+    p.add_argument("--criteria", default="easyep,frequency,gate_sum,reap,tcess,random", help="comma-separated criteria")
+    p.add_argument("--eval-dir", default="patterns/eval", help="held-out splits <domain>.jsonl[.gz] and ood.jsonl[.gz]")
+    p.add_argument("--max-passages", type=int, help="first N held-out passages per domain (and of the OOD set)")
+    p.add_argument("--max-len", type=int, help="truncate passages to this many tokens (default: the model's context)")
+    p.add_argument("--batch-size", type=int, default=16, help="passages per forward pass")
+    p.add_argument("--domain", action="append", help="evaluate only this domain; repeat (default: every stored domain)")
+    p.add_argument("--publish", help="also write the report here (e.g. docs/RESULTS.md) with its PNGs in results/ beside it")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's choice; 1 is fastest on busy shared cores)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--out", required=True, help="folder for results.json, report.md and the PNG plots")
+    p.set_defaults(func=_eval)
+
+
+def _eval(args) -> int:
+    from .evaluate import run
+
+    return run(args)
+
+
+ADDERS += [add_eval]
+
+
 def main(argv=None) -> int:
     from domex.store.errors import DomexError
 

@@ -1,0 +1,670 @@
+"""Evaluation harness: how much quality each criterion's masks keep, and how well queries are routed.
+
+    held-out splits (patterns/eval/<domain>.jsonl.gz) -> token ids, truncated to the context
+    -> one Engine at 100% slots (ensure() only restricts routing, so every mask runs on it)
+    -> per (mask, domain): next-token accuracy and mean NLL, teacher-forced, batched
+    -> routing: both matchers on the held-out passages and the out-of-domain set
+    -> results.json, report.md, PNG plots; optionally docs/RESULTS.md (+ docs/results/*.png)
+
+Masks compared at each budget, on each domain's held-out split:
+  domain    the domain's own mask: budget.domain_mask([pattern], budget, criterion)
+  agnostic  one task-agnostic mask: budget.domain_mask(all patterns, ...), i.e. every domain's
+            scores of that criterion L1-normalised per layer and summed (budget.merge), then the
+            same selection; no merged pattern is registered
+  random    uniform random experts per layer, drawn here with seeds 0, 1, 2; mean of the three
+  full      every expert (the reference of the retention ratio = pruned accuracy / full accuracy)
+
+Legend: B passages in a batch, T tokens, V vocabulary, L MoE layers, E routed experts, S slots.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import platform
+import shlex
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from domex.store.budget import Budget, domain_mask
+from domex.store.db import Store
+from domex.store.errors import ConfigError
+from domex.store.mask import Mask
+from domex.store.pattern import Pattern
+from domex.store.scores import PRIMARY, check_criteria
+
+from .indexer import context_length, jaccard
+
+DEFAULT_BUDGETS = ("0.25", "0.5", "0.75")
+DEFAULT_CRITERIA = ("easyep", "frequency", "gate_sum", "reap", "tcess", "random")
+RANDOM_SEEDS = (0, 1, 2)
+TARGET_BUDGET = 0.5  # DESIGN §8 states the quality targets at 50% of the experts
+BASELINES = ("random", "frequency", "gate_sum", "reap")  # what EASY-EP must beat on most domains
+OOD = "ood"
+
+
+# ---------------------------------------------------------------------------------------------
+# records
+
+
+@dataclass(frozen=True)
+class Split:
+    """One domain's held-out passages: the texts (for matching) and their token ids (for scoring)."""
+
+    domain: str
+    texts: list[str]
+    ids: list[torch.Tensor]  # [T_i] each, truncated to the context
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(x) - 1 for x in self.ids)  # scored positions: every token but the first
+
+
+@dataclass(frozen=True)
+class Score:
+    """Teacher-forced quality of one mask on one split, and which experts the routers really chose."""
+
+    accuracy: float
+    nll: float  # mean over scored tokens, nats
+    tokens: int
+    experts_kept: int  # over all layers
+    experts_used: int  # distinct experts the restricted routers selected, all inside the mask
+
+
+@dataclass(frozen=True)
+class QualityRow:
+    domain: str
+    kind: str  # "full" | "domain" | "agnostic" | "random"
+    criterion: str | None  # None for full and random masks
+    budget: float  # fraction of E kept per layer (1.0 for full)
+    experts_per_layer: int
+    accuracy: float
+    nll: float
+    retention: float  # accuracy / the full model's accuracy on this domain
+    tokens: int
+    experts_kept: int
+    experts_used: int
+    accuracy_std: float = 0.0  # over the random seeds
+
+
+@dataclass(frozen=True)
+class Routing:
+    """One matcher on the held-out passages of every domain and on the out-of-domain set."""
+
+    matcher: str
+    accuracy: float  # top-1 domain over all in-domain passages (whether or not flagged OOD)
+    per_domain: dict[str, float]
+    labels: list[str]
+    confusion: list[list[int]]  # [true][predicted] counts
+    ood_detected: float  # share of the OOD set flagged out-of-domain (true positive rate)
+    false_alarms: float  # share of in-domain passages flagged out-of-domain
+    threshold: float
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    goal: str
+    value: str
+    met: bool
+    by: str  # how far above or below the goal
+
+
+@dataclass
+class Results:
+    command: str
+    machine: dict
+    setup: dict
+    quality: list[QualityRow]
+    routing: list[Routing]
+    overlap: dict  # {"criterion", "budget", "labels", "jaccard": [[...]]}
+    targets: list[Target]
+    seconds: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {"command": self.command, "machine": self.machine, "setup": self.setup,
+                "quality": [asdict(r) for r in self.quality], "routing": [asdict(r) for r in self.routing],
+                "overlap": self.overlap, "targets": [asdict(t) for t in self.targets], "seconds": self.seconds}
+
+
+# ---------------------------------------------------------------------------------------------
+# held-out data
+
+
+def read_split(path: Path, limit: int | None) -> list[str]:
+    """The first `limit` texts of a held-out file (JSONL or JSONL.gz, one {"text": ...} per line)."""
+    if not path.is_file():
+        raise ConfigError(f"no held-out split at {path}; write one {{\"text\": ...}} per line there or pass the "
+                          "right --eval-dir")
+    opener = gzip.open if path.suffix == ".gz" else open
+    texts = []
+    with opener(path, "rt", encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                texts.append(json.loads(line)["text"])
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise ConfigError(f"{path}: line {n} is not a JSON object with a \"text\" field") from None
+            if limit is not None and len(texts) >= limit:
+                break
+    if not texts:
+        raise ConfigError(f"{path} holds no passages; a held-out split needs at least one")
+    return texts
+
+
+def split_path(eval_dir: Path, name: str) -> Path:
+    gz = eval_dir / f"{name}.jsonl.gz"
+    return gz if gz.is_file() or not (eval_dir / f"{name}.jsonl").is_file() else eval_dir / f"{name}.jsonl"
+
+
+def load_split(tokenizer, eval_dir: Path, domain: str, limit: int | None, context: int) -> Split:
+    """Plain text, no special tokens (as the demo model was trained), cut to `context` tokens."""
+    texts = read_split(split_path(eval_dir, domain), limit)
+    ids = [torch.tensor(x[:context], dtype=torch.long) for x in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    kept = [(t, x) for t, x in zip(texts, ids) if len(x) >= 2]  # one token has no next token to predict
+    if not kept:
+        raise ConfigError(f"{domain}: every held-out passage is shorter than two tokens; nothing to score")
+    return Split(domain, [t for t, _ in kept], [x for _, x in kept])
+
+
+def batches(split: Split, batch_size: int, pad_id: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Right-padded [B, T] ids and [B] lengths, passages sorted by length so padding stays small.
+
+    Right padding needs no attention mask: a causal model never lets a position see later ones,
+    and the padded positions are not scored.
+    """
+    order = sorted(range(len(split.ids)), key=lambda i: len(split.ids[i]))
+    out = []
+    for s in range(0, len(order), batch_size):
+        chunk = [split.ids[i] for i in order[s:s + batch_size]]
+        lengths = torch.tensor([len(x) for x in chunk])
+        ids = torch.full((len(chunk), int(lengths.max())), pad_id, dtype=torch.long)  # [B, T]
+        for b, x in enumerate(chunk):
+            ids[b, :len(x)] = x
+        out.append((ids, lengths))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# quality of one mask
+
+
+def next_token_stats(logits: torch.Tensor, ids: torch.Tensor, lengths: torch.Tensor) -> tuple[int, float, int]:
+    """(correct, summed NLL, scored tokens) of logits [B, T, V] against the next tokens of ids [B, T]."""
+    pred = logits[:, :-1].float()  # [B, T-1, V]
+    target = ids[:, 1:]  # [B, T-1]
+    valid = torch.arange(target.shape[1])[None, :] < (lengths[:, None] - 1)  # [B, T-1]
+    pred, target = pred[valid], target[valid]  # [N, V], [N]
+    nll = torch.nn.functional.cross_entropy(pred, target, reduction="sum").item()
+    return int((pred.argmax(-1) == target).sum()), nll, int(valid.sum())
+
+
+def score_mask(engine, mask: Mask, data: list[tuple[torch.Tensor, torch.Tensor]]) -> Score:
+    """Accuracy and NLL of the engine under `mask`, counting the experts its routers actually pick.
+
+    The count is the sanity check on restricted routing: every selected expert must be one the
+    mask keeps (checked), and `experts_used` shows how much of the mask the domain exercises.
+    """
+    engine.ensure(mask)
+    adapter = engine.pool.adapter
+    routers = [adapter.router(block) for _, block in adapter.moe_blocks(engine.model)]
+    counts = [torch.zeros(engine.cache.num_slots, dtype=torch.long) for _ in routers]  # [L][S]
+
+    def counter(l):
+        def hook(module, args, output):
+            counts[l] += torch.bincount(output[2].flatten().cpu(), minlength=len(counts[l]))
+        return hook
+
+    handles = [r.register_forward_hook(counter(l)) for l, r in enumerate(routers)]
+    correct, nll, n = 0, 0.0, 0
+    try:
+        for ids, lengths in data:
+            c, s, k = next_token_stats(engine.logits(ids).cpu(), ids, lengths)
+            correct, nll, n = correct + c, nll + s, n + k
+    finally:
+        for h in handles:
+            h.remove()
+    used = 0
+    for l, (slot_counts, kept) in enumerate(zip(counts, mask.layers)):
+        slot_of = engine.cache.slot_of[l].cpu()  # [E] expert -> slot, -1 when absent
+        experts = {e for e in range(len(slot_of)) if slot_of[e] >= 0 and slot_counts[slot_of[e]] > 0}
+        assert experts <= set(kept), f"layer {l}: routed to experts {sorted(experts - set(kept))} outside the mask"
+        used += len(experts)
+    return Score(correct / n, nll / n, n, sum(mask.kept_counts()), used)
+
+
+def random_mask(num_layers: int, num_experts: int, per_layer: int, seed: int) -> Mask:
+    """`per_layer` experts drawn uniformly without replacement in every layer, seeded."""
+    rng = np.random.default_rng(seed)
+    return Mask.of(num_experts, [rng.choice(num_experts, per_layer, replace=False) for _ in range(num_layers)])
+
+
+@dataclass(frozen=True)
+class Run:
+    """One mask to evaluate on some domains' splits."""
+
+    kind: str
+    criterion: str | None
+    budget: float
+    mask: Mask
+    domains: tuple[str, ...]
+    seed: int | None = None
+
+
+def plan(patterns: dict[str, Pattern], budgets: list[Budget], criteria: tuple[str, ...]) -> list[Run]:
+    """Every mask of the evaluation with the domains it is scored on; full model first."""
+    first = next(iter(patterns.values()))
+    s = first.settings
+    num_layers, num_experts = first.shape
+    everyone = tuple(patterns)
+    runs = [Run("full", None, 1.0, Mask.full(num_layers, num_experts), everyone)]
+    for budget in budgets:
+        n = budget.experts_per_layer(num_layers, num_experts, s.get("expert_bytes"), int(s["top_k"]))
+        fraction = n / num_experts
+        runs += [Run("random", None, fraction, random_mask(num_layers, num_experts, n, seed), everyone, seed)
+                 for seed in RANDOM_SEEDS]
+        for criterion in criteria:
+            runs += [Run("domain", criterion, fraction, domain_mask([p], budget, criterion), (name,))
+                     for name, p in patterns.items()]
+            runs.append(Run("agnostic", criterion, fraction, domain_mask(list(patterns.values()), budget, criterion), everyone))
+    return runs
+
+
+def evaluate_quality(engine, runs: list[Run], data: dict[str, list], progress: bool = True) -> list[QualityRow]:
+    """Score every run on its domains; random seeds are averaged into one row per budget and domain."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=sum(len(r.domains) for r in runs), desc="eval masks", unit="run", disable=not progress)
+    scored: list[tuple[Run, str, Score]] = []
+    for run in runs:
+        for domain in run.domains:
+            bar.set_postfix_str(f"{run.kind} {run.criterion or ''} {run.budget:.2f} {domain}")
+            scored.append((run, domain, score_mask(engine, run.mask, data[domain])))
+            bar.update()
+    bar.close()
+    full = {d: s.accuracy for r, d, s in scored if r.kind == "full"}
+    rows, groups = [], {}
+    for run, domain, s in scored:
+        if run.kind == "random":
+            groups.setdefault((run.budget, domain), []).append((run, s))
+            continue
+        rows.append(QualityRow(domain, run.kind, run.criterion, run.budget, max(run.mask.kept_counts()), s.accuracy, s.nll,
+                               s.accuracy / full[domain], s.tokens, s.experts_kept, s.experts_used))
+    for (budget, domain), group in groups.items():
+        acc = np.array([s.accuracy for _, s in group])
+        rows.append(QualityRow(domain, "random", None, budget, max(group[0][0].mask.kept_counts()), float(acc.mean()),
+                               float(np.mean([s.nll for _, s in group])), float(acc.mean() / full[domain]),
+                               group[0][1].tokens, group[0][1].experts_kept,
+                               round(float(np.mean([s.experts_used for _, s in group]))), float(acc.std())))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# routing
+
+
+def evaluate_routing(matcher, splits: dict[str, Split], ood: list[str]) -> Routing:
+    """Top-1 domain accuracy, confusion matrix and OOD detection of one matcher on held-out text."""
+    start = time.perf_counter()
+    labels = list(splits)
+    confusion = np.zeros((len(labels), len(labels)), dtype=int)  # [true, predicted]
+    alarms, total = 0, 0
+    for i, (domain, split) in enumerate(splits.items()):
+        for m in matcher.match_many(split.texts):
+            confusion[i, labels.index(m.domain)] += 1
+            alarms += m.ood
+            total += 1
+    ood_matches = matcher.match_many(ood)
+    threshold = ood_matches[0].threshold
+    per_domain = {d: float(confusion[i, i] / confusion[i].sum()) for i, d in enumerate(labels)}
+    return Routing(matcher.name, float(np.trace(confusion) / confusion.sum()), per_domain, labels, confusion.tolist(),
+                   float(np.mean([m.ood for m in ood_matches])), alarms / total, float(threshold),
+                   time.perf_counter() - start)
+
+
+# ---------------------------------------------------------------------------------------------
+# targets (DESIGN §8)
+
+
+def _at(rows: list[QualityRow], budget: float, kind: str, criterion: str | None = None) -> dict[str, QualityRow]:
+    return {r.domain: r for r in rows if r.kind == kind and r.criterion == criterion and abs(r.budget - budget) < 1e-9}
+
+
+def check_targets(rows: list[QualityRow], routing: list[Routing], budget: float) -> list[Target]:
+    """Each quality and routing target of DESIGN §8, met or missed and by how much."""
+    out = []
+    ours = _at(rows, budget, "domain", PRIMARY)
+    if ours:
+        kept = float(np.mean([r.retention for r in ours.values()]))
+        out.append(Target(f"{PRIMARY} retention at {budget:.0%}", ">= 97% of full accuracy (mean over domains)",
+                          f"{kept:.1%}", kept >= 0.97, f"{(kept - 0.97) * 100:+.1f} pts"))
+        half = len(ours) // 2 + 1
+        others = [("random masks", _at(rows, budget, "random"))]
+        others += [(c, _at(rows, budget, "domain", c)) for c in BASELINES if c != "random"]
+        others.append((f"task-agnostic {PRIMARY} mask", _at(rows, budget, "agnostic", PRIMARY)))
+        for name, theirs in others:
+            if not theirs:
+                continue
+            wins = sum(ours[d].accuracy > theirs[d].accuracy for d in ours if d in theirs)
+            gap = float(np.mean([ours[d].accuracy - theirs[d].accuracy for d in ours if d in theirs]))
+            out.append(Target(f"{PRIMARY} beats {name}", f"on most domains (>= {half} of {len(ours)})",
+                              f"{wins}/{len(ours)} domains", wins >= half,
+                              f"{wins - half:+d} domains; mean accuracy gap {gap * 100:+.2f} pts"))
+    for r in routing:
+        out.append(Target(f"routing top-1 ({r.matcher})", ">= 97%", f"{r.accuracy:.1%}", r.accuracy >= 0.97,
+                          f"{(r.accuracy - 0.97) * 100:+.1f} pts"))
+        out.append(Target(f"OOD caught ({r.matcher})", ">= 90%", f"{r.ood_detected:.1%}", r.ood_detected >= 0.90,
+                          f"{(r.ood_detected - 0.90) * 100:+.1f} pts"))
+        out.append(Target(f"false alarms ({r.matcher})", "<= 3%", f"{r.false_alarms:.1%}", r.false_alarms <= 0.03,
+                          f"{(0.03 - r.false_alarms) * 100:+.1f} pts of headroom"))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# the whole evaluation
+
+
+def machine() -> dict:
+    """What the numbers were measured on (DESIGN §8: absolute numbers only with the machine named)."""
+    import transformers
+
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
+    return {"arch": platform.machine(), "system": platform.system(), "cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "ram_gib": round(ram / 2**30, 1), "python": platform.python_version(),
+            "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def evaluate(pool, store, *, budgets=DEFAULT_BUDGETS, criteria=DEFAULT_CRITERIA, eval_dir="patterns/eval",
+             max_passages: int | None = None, max_len: int | None = None, batch_size: int = 16,
+             domains: list[str] | None = None, command: str = "", progress: bool = True) -> Results:
+    """Run the quality and routing evaluations of the module docstring; returns the typed results."""
+    from .engine import Engine
+    from .match import EmbeddingMatcher, SignatureMatcher
+
+    t0 = time.perf_counter()
+    criteria = check_criteria(criteria.split(",") if isinstance(criteria, str) else criteria)
+    budgets = [Budget.parse(b) for b in (budgets.split(",") if isinstance(budgets, str) else budgets)]
+    store = store if isinstance(store, Store) else Store.open(store, create=False)
+    names = domains or store.names()
+    patterns = {n: store.get(n) for n in names}
+    missing = sorted({c for p in patterns.values() for c in criteria if c not in p.scores})
+    if missing:
+        raise ConfigError(f"the store's patterns lack scores for {', '.join(missing)}; re-register the domains with "
+                          f"--criteria including them, or leave them out of --criteria")
+    engine = Engine.open(pool, budget="100%", fingerprint=store.fingerprint())
+    try:
+        tok = engine.tokenizer
+        context = context_length(engine.model.config, max_len)
+        eval_dir = Path(eval_dir)
+        splits = {d: load_split(tok, eval_dir, d, max_passages, context) for d in names}
+        ood = read_split(split_path(eval_dir, OOD), max_passages)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        data = {d: batches(s, batch_size, pad) for d, s in splits.items()}
+        runs = plan(patterns, budgets, criteria)
+        t1 = time.perf_counter()
+        quality = evaluate_quality(engine, runs, data, progress)
+        t2 = time.perf_counter()
+        engine.ensure(Mask.full(*next(iter(patterns.values())).shape))
+        routing = [evaluate_routing(EmbeddingMatcher(store), splits, ood),
+                   evaluate_routing(SignatureMatcher(store, engine.model, tok), splits, ood)]
+        t3 = time.perf_counter()
+    finally:
+        engine.close()
+    half = Budget.parse(str(TARGET_BUDGET))
+    overlap_criterion = PRIMARY if PRIMARY in criteria else criteria[0]
+    masks = [domain_mask([patterns[d]], half, overlap_criterion) for d in names]
+    overlap = {"criterion": overlap_criterion, "budget": TARGET_BUDGET, "labels": list(names),
+               "jaccard": [[round(jaccard(a, b), 4) for b in masks] for a in masks]}
+    target_budget = min({r.budget for r in quality if r.kind != "full"}, key=lambda b: abs(b - TARGET_BUDGET))
+    setup = {"pool": str(engine.pool.dir), "store": str(store.path), "fingerprint": store.fingerprint(),
+             "model_type": engine.pool.manifest.model_type, "moe_layers": engine.pool.manifest.num_layers,
+             "experts": engine.pool.manifest.num_experts, "top_k": int(next(iter(patterns.values())).settings["top_k"]),
+             "domains": list(names), "criteria": list(criteria), "budgets": [b.text for b in budgets],
+             "random_seeds": list(RANDOM_SEEDS), "eval_dir": str(eval_dir), "max_passages": max_passages,
+             "context": context, "batch_size": batch_size, "target_budget": target_budget,
+             "passages": {d: len(s.ids) for d, s in splits.items()}, "tokens": {d: s.tokens for d, s in splits.items()},
+             "ood_passages": len(ood), "runs": sum(len(r.domains) for r in runs)}
+    return Results(command, machine(), setup, quality, routing, overlap, check_targets(quality, routing, target_budget),
+                   {"prepare": round(t1 - t0, 1), "quality": round(t2 - t1, 1), "routing": round(t3 - t2, 1),
+                    "total": round(t3 - t0, 1)})
+
+
+# ---------------------------------------------------------------------------------------------
+# outputs: results.json, report.md, plots
+
+
+def _savefig(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def plot_accuracy(res: Results, path: Path) -> None:
+    """Accuracy vs budget: one panel per domain plus the mean over domains; full model as a line."""
+    import matplotlib.pyplot as plt
+
+    domains = res.setup["domains"]
+    panels = ["mean"] + domains
+    cols = min(3, len(panels))
+    rows_n = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(4.2 * cols, 3.2 * rows_n), squeeze=False)
+    series = [(f"{c} (domain)", "domain", c, "-") for c in res.setup["criteria"]]
+    series += [("random masks", "random", None, "--"), (f"{PRIMARY} task-agnostic", "agnostic", PRIMARY, ":")]
+    for ax, panel in zip(axes.flat, panels):
+        for label, kind, crit, style in series:
+            pts = {}
+            for r in res.quality:
+                if r.kind == kind and r.criterion == crit and (panel == "mean" or r.domain == panel):
+                    pts.setdefault(r.budget, []).append(r.accuracy)
+            if pts:
+                xs = sorted(pts)
+                ax.plot(xs, [np.mean(pts[x]) for x in xs], style, marker="o", ms=3, label=label)
+        full = [r.accuracy for r in res.quality if r.kind == "full" and (panel == "mean" or r.domain == panel)]
+        ax.axhline(float(np.mean(full)), color="black", lw=1, label="full model")
+        ax.set_title(panel if panel != "mean" else "mean over domains")
+        ax.set_xlabel("experts kept per layer (fraction)")
+        ax.set_ylabel("next-token accuracy")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.tight_layout()
+    _savefig(fig, path)
+
+
+def plot_confusion(res: Results, path: Path) -> None:
+    """Row-normalised confusion matrices of both matchers, counts written in the cells."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(res.routing), figsize=(5.5 * len(res.routing), 4.8), squeeze=False)
+    for ax, r in zip(axes.flat, res.routing):
+        c = np.array(r.confusion, dtype=float)  # [true, predicted]
+        share = c / c.sum(axis=1, keepdims=True).clip(1)
+        ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+        for i in range(len(c)):
+            for j in range(len(c)):
+                if c[i, j]:
+                    ax.text(j, i, int(c[i, j]), ha="center", va="center", fontsize=7,
+                            color="white" if share[i, j] > 0.5 else "black")
+        ax.set_xticks(range(len(r.labels)), r.labels, rotation=45, ha="right")
+        ax.set_yticks(range(len(r.labels)), r.labels)
+        ax.set_xlabel("matched domain")
+        ax.set_ylabel("true domain")
+        ax.set_title(f"{r.matcher} matcher: top-1 {r.accuracy:.1%}")
+    _savefig(fig, path)
+
+
+def plot_overlap(res: Results, path: Path) -> None:
+    """Pairwise Jaccard overlap of the domains' masks at the target budget."""
+    import matplotlib.pyplot as plt
+
+    o = res.overlap
+    j = np.array(o["jaccard"])
+    fig, ax = plt.subplots(figsize=(1.2 + 0.6 * len(j), 1 + 0.55 * len(j)))
+    im = ax.imshow(j, cmap="viridis", vmin=0, vmax=1)
+    for a in range(len(j)):
+        for b in range(len(j)):
+            ax.text(b, a, f"{j[a, b]:.2f}", ha="center", va="center", fontsize=7, color="white" if j[a, b] < 0.6 else "black")
+    ax.set_xticks(range(len(j)), o["labels"], rotation=45, ha="right")
+    ax.set_yticks(range(len(j)), o["labels"])
+    ax.set_title(f"Jaccard of {o['criterion']} masks at {o['budget']:.0%}")
+    fig.colorbar(im, ax=ax)
+    _savefig(fig, path)
+
+
+PLOTS = {"accuracy_vs_budget.png": plot_accuracy, "confusion.png": plot_confusion, "mask_overlap.png": plot_overlap}
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"] + \
+           ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def report(res: Results, images: str = "") -> str:
+    """The markdown report; `images` prefixes the PNG file names (a folder relative to the report)."""
+    s, m = res.setup, res.machine
+    b = s["target_budget"]
+    domains = s["domains"]
+    lines = ["# domex evaluation results", "",
+             f"Model: `{s['model_type']}` pool `{s['pool']}` (fingerprint `{s['fingerprint'][:12]}`), {s['moe_layers']} MoE "
+             f"layers x {s['experts']} routed experts, top-{s['top_k']}. Store `{s['store']}`: {len(domains)} domains.", "",
+             "Regenerate with:", "", "```bash", res.command, "```", "",
+             f"Machine: {m['arch']} {m['system']}, {m['cores']} cores ({m['torch_threads']} torch threads), {m['ram_gib']} GiB RAM, "
+             f"Python {m['python']}, torch {m['torch']}, transformers {m['transformers']}. "
+             f"Wall time {res.seconds.get('total', 0):.0f} s (quality {res.seconds.get('quality', 0):.0f} s, "
+             f"routing {res.seconds.get('routing', 0):.0f} s).", "",
+             f"Held-out data: `{s['eval_dir']}`, the first {s['max_passages'] or 'all'} passages per domain "
+             f"({', '.join(f'{d} {n}' for d, n in s['passages'].items())} passages; "
+             f"{sum(s['tokens'].values())} scored tokens), {s['ood_passages']} out-of-domain passages; "
+             f"truncated to {s['context']} tokens. {s['runs']} (mask, domain) runs.", "",
+             "## Targets (DESIGN §8)", ""]
+    lines += _table(["target", "goal", "measured", "met", "margin"],
+                    [[t.name, t.goal, t.value, "met" if t.met else "**missed**", t.by] for t in res.targets])
+    lines += ["", f"## Pruning quality at {b:.0%} of the experts", "",
+              "Next-token accuracy on each domain's held-out split (retention = accuracy / full model's).", ""]
+    cols = [("full", "full", None)] + [(c, "domain", c) for c in s["criteria"]] + \
+           [("random masks", "random", None), (f"{PRIMARY} agnostic", "agnostic", PRIMARY)]
+    table = []
+    for d in domains + ["mean"]:
+        cells = [d]
+        for _, kind, crit in cols:
+            rs = [r for r in res.quality if r.kind == kind and r.criterion == crit and (kind == "full" or abs(r.budget - b) < 1e-9)
+                  and (d == "mean" or r.domain == d)]
+            acc, ret = np.mean([r.accuracy for r in rs]), np.mean([r.retention for r in rs])
+            cells.append(f"{acc:.3f}" if kind == "full" else f"{acc:.3f} ({ret:.0%})")
+        table.append(cells)
+    lines += _table(["domain"] + [c for c, _, _ in cols], table)
+    lines += ["", "Mean NLL (nats per token) at the same budget:", ""]
+    table = []
+    for d in domains:
+        row = [d]
+        for _, kind, crit in cols:
+            rs = [r for r in res.quality if r.kind == kind and r.criterion == crit and r.domain == d
+                  and (kind == "full" or abs(r.budget - b) < 1e-9)]
+            row.append(f"{rs[0].nll:.3f}" if rs else "")
+        table.append(row)
+    lines += _table(["domain"] + [c for c, _, _ in cols], table)
+    lines += ["", "Mean retention over domains, by budget:", ""]
+    budgets = sorted({r.budget for r in res.quality if r.kind != "full"})
+    table = []
+    for label, kind, crit in cols[1:]:
+        row = [label]
+        for x in budgets:
+            rs = [r.retention for r in res.quality if r.kind == kind and r.criterion == crit and abs(r.budget - x) < 1e-9]
+            row.append(f"{np.mean(rs):.1%}")
+        table.append(row)
+    lines += _table(["mask"] + [f"{x:.0%}" for x in budgets], table)
+    lines += ["", f"![accuracy vs budget]({images}accuracy_vs_budget.png)", "",
+              "## Routing", "",
+              "Both matchers on the held-out passages (not the demos). Top-1 counts the nearest domain whether or not "
+              "the passage was flagged out-of-domain; false alarms are in-domain passages flagged out-of-domain.", ""]
+    lines += _table(["matcher", "top-1", "OOD caught", "false alarms", "threshold", "seconds"] + domains,
+                    [[r.matcher, f"{r.accuracy:.1%}", f"{r.ood_detected:.1%}", f"{r.false_alarms:.1%}", f"{r.threshold:.3f}",
+                      f"{r.seconds:.1f}"] + [f"{r.per_domain[d]:.0%}" for d in domains] for r in res.routing])
+    lines += ["", f"![confusion matrices]({images}confusion.png)", "",
+              f"## Mask overlap at {res.overlap['budget']:.0%} ({res.overlap['criterion']})", "",
+              "Mean over layers of |A and B| / |A or B| of two domains' masks.", ""]
+    lines += _table([""] + res.overlap["labels"],
+                    [[a] + [f"{v:.2f}" for v in row] for a, row in zip(res.overlap["labels"], res.overlap["jaccard"])])
+    lines += ["", f"![mask overlap]({images}mask_overlap.png)", "",
+              "## Method", "",
+              "- One Engine with every expert resident (budget 100%); `ensure(mask)` restricts each router to the mask's "
+              "experts, which equals structural removal (DESIGN §5). Forward hooks on the routers count the experts "
+              "actually selected; every run checks they all lie inside its mask (`experts_used` in results.json).",
+              "- Domain mask: `budget.domain_mask([pattern], budget, criterion)` (uniform top-n per layer, ties by frequency).",
+              "- Task-agnostic mask: `budget.domain_mask(all patterns, budget, criterion)`: every domain's scores "
+              "L1-normalised per layer and summed (`budget.merge`), then the same selection. No merged pattern is registered.",
+              f"- Random masks: n experts per layer drawn uniformly without replacement, seeds {s['random_seeds']}; "
+              "rows are the mean of the seeds (`accuracy_std` in results.json). The `random` criterion is the store's "
+              "seeded random scores, selected like the others.",
+              "- Passages are tokenised as plain text without special tokens (as the demo model was trained), "
+              "right-padded in length-sorted batches; every position but the first is scored against the next token.",
+              f"- A budget fraction keeps floor(fraction x E) experts per layer; targets are read at {b:.0%}.",
+              "- \"Beats\" means higher next-token accuracy on the domain's split (ties do not count); "
+              "\"most domains\" means more than half.", ""]
+    return "\n".join(lines)
+
+
+def write(res: Results, out: Path, publish: Path | None = None) -> None:
+    """results.json, report.md and the PNGs in `out`; with `publish`, that markdown file and its PNGs beside it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    out.mkdir(parents=True, exist_ok=True)
+    for name, draw in PLOTS.items():
+        draw(res, out / name)
+    _write_text(out / "results.json", json.dumps(res.to_json(), indent=1))
+    _write_text(out / "report.md", report(res))
+    if publish is not None:
+        images = publish.parent / "results"
+        images.mkdir(parents=True, exist_ok=True)
+        for name in PLOTS:
+            (images / name).write_bytes((out / name).read_bytes())
+        _write_text(publish, report(res, images="results/"))
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def command_line(args) -> str:
+    """The `domex eval` command that reproduces a run, from its parsed arguments."""
+    parts = ["domex", "eval", "--pool", args.pool, "--store", args.store, "--budgets", args.budgets,
+             "--criteria", args.criteria, "--eval-dir", args.eval_dir, "--batch-size", str(args.batch_size)]
+    if args.max_passages is not None:
+        parts += ["--max-passages", str(args.max_passages)]
+    if args.max_len is not None:
+        parts += ["--max-len", str(args.max_len)]
+    for d in args.domain or []:
+        parts += ["--domain", d]
+    if args.threads is not None:
+        parts += ["--threads", str(args.threads)]
+    if args.publish:
+        parts += ["--publish", args.publish]
+    return shlex.join(parts + ["--out", args.out])
+
+
+def run(args) -> int:
+    """`domex eval`: evaluate, write the outputs, print the targets."""
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    res = evaluate(args.pool, args.store, budgets=args.budgets, criteria=args.criteria, eval_dir=args.eval_dir,
+                   max_passages=args.max_passages, max_len=args.max_len, batch_size=args.batch_size,
+                   domains=args.domain, command=command_line(args), progress=not args.quiet)
+    write(res, Path(args.out), Path(args.publish) if args.publish else None)
+    for t in res.targets:
+        print(f"{'met   ' if t.met else 'MISSED'}  {t.name}: {t.value} (goal {t.goal}; {t.by})")
+    print(f"wrote {args.out}/results.json, report.md, {', '.join(PLOTS)}" + (f"; {args.publish}" if args.publish else ""))
+    return 0

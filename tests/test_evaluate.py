@@ -1,0 +1,119 @@
+"""`domex eval` on a tiny random Qwen3-MoE with two made-up domains: report structure, and the
+full-model row against next-token accuracy and NLL computed by hand with stock transformers."""
+
+import gzip
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from domex.runtime.cli import main
+from domex.runtime.indexer import register
+from domex.runtime.pool import build
+from domex.store.demos import Demo
+from tiny import DOMAINS, UNRELATED, tiny_checkpoint
+
+BUDGETS = ["0.25", "0.5", "0.75"]  # 2, 4 and 6 of the tiny model's 8 experts (top-2)
+CRITERIA = ["easyep", "frequency", "gate_sum", "reap", "tcess", "random"]
+HELD_OUT = {  # not the demos
+    "cooking": ["Peel the potatoes, boil them in salted water and mash them with milk.",
+                "Marinate the fish in lemon juice and grill it for five minutes on each side.",
+                "Melt the chocolate over a water bath and stir in the cream. " * 4],  # longer than the context: truncated
+    "python": ["def greet(name):\n    return 'hello ' + name",
+               "for i, item in enumerate(items):\n    print(i, item)",
+               "import json\nwith open('a.json') as f:\n    data = json.load(f)"],
+}
+OOD = [UNRELATED, "MKTAYIAKQRQISFVKSHFSRQLEERLGLIEVQAPILSRVGDGTQDNLSGAEK", "The tides rise twice a day near the coast."]
+
+
+def write_split(path, texts):
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        for t in texts:
+            f.write(json.dumps({"text": t}) + "\n")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matmuls: extra threads only spin, and on shared cores cost 10x
+    try:
+        yield make_run(tmp_path_factory.mktemp("eval"))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def make_run(root):
+    model = tiny_checkpoint(root / "model")
+    build(model, root / "pool", progress=False)
+    for name in HELD_OUT:
+        register(root / "pool", root / "store", name, [Demo.from_json({"text": t}) for t in DOMAINS[name]], progress=False)
+    (root / "eval").mkdir()
+    for name, texts in HELD_OUT.items():
+        write_split(root / "eval" / f"{name}.jsonl.gz", texts)
+    write_split(root / "eval" / "ood.jsonl.gz", OOD)
+    out, docs = root / "out", root / "docs"
+    rc = main(["eval", "--pool", str(root / "pool"), "--store", str(root / "store"), "--budgets", ",".join(BUDGETS),
+               "--criteria", ",".join(CRITERIA), "--eval-dir", str(root / "eval"), "--batch-size", "2", "--quiet",
+               "--publish", str(docs / "RESULTS.md"), "--out", str(out)])
+    assert rc == 0
+    return model, out, docs, json.loads((out / "results.json").read_text())
+
+
+def test_every_criterion_budget_and_domain_is_reported(run):
+    _, out, _, res = run
+    assert set(res) >= {"command", "machine", "setup", "quality", "routing", "overlap", "targets"}
+    assert set(res["machine"]) >= {"arch", "cores", "ram_gib", "torch", "transformers"}
+    rows = res["quality"]
+    for domain in HELD_OUT:
+        for budget in (0.25, 0.5, 0.75):
+            for kind in ("domain", "agnostic"):
+                got = {r["criterion"] for r in rows if r["domain"] == domain and r["kind"] == kind and r["budget"] == budget}
+                assert got == set(CRITERIA), (domain, budget, kind)
+            rand = [r for r in rows if r["domain"] == domain and r["kind"] == "random" and r["budget"] == budget]
+            assert len(rand) == 1
+        assert len([r for r in rows if r["domain"] == domain and r["kind"] == "full"]) == 1
+    for r in rows:
+        assert 0.0 <= r["accuracy"] <= 1.0 and r["nll"] > 0 and r["experts_used"] <= r["experts_kept"]
+        assert r["experts_kept"] == r["experts_per_layer"] * 2  # two MoE layers
+    assert {r["matcher"] for r in res["routing"]} == {"embedding", "signature"}
+    for r in res["routing"]:
+        assert len(r["confusion"]) == 2 and sum(map(sum, r["confusion"])) == sum(map(len, HELD_OUT.values()))
+        assert 0.0 <= r["ood_detected"] <= 1.0 and 0.0 <= r["false_alarms"] <= 1.0
+    assert res["overlap"]["labels"] == sorted(HELD_OUT) and res["overlap"]["jaccard"][0][0] == 1.0
+    assert any(t["name"].startswith("easyep retention") for t in res["targets"])
+
+
+def test_report_and_plots_are_written(run):
+    _, out, docs, res = run
+    text = (out / "report.md").read_text()
+    for heading in ("## Targets", "## Pruning quality", "## Routing", "## Mask overlap", "## Method"):
+        assert heading in text
+    assert res["command"].startswith("domex eval --pool") and res["command"] in text
+    for name in ("accuracy_vs_budget.png", "confusion.png", "mask_overlap.png"):
+        for folder in (out, docs / "results"):
+            data = (folder / name).read_bytes()
+            assert len(data) > 1000 and data[:8] == b"\x89PNG\r\n\x1a\n", folder / name
+    assert "](results/accuracy_vs_budget.png)" in (docs / "RESULTS.md").read_text()
+
+
+def test_full_model_row_equals_stock_transformers(run):
+    model_dir, _, _, res = run
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    context = model.config.max_position_embeddings
+    for domain, texts in HELD_OUT.items():
+        correct, nll, n = 0, 0.0, 0
+        for text in texts:
+            ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"][:context]])  # [1, T]
+            with torch.no_grad():
+                logits = model(ids).logits[0, :-1]  # [T-1, V]
+            target = ids[0, 1:]
+            correct += int((logits.argmax(-1) == target).sum())
+            nll += torch.nn.functional.cross_entropy(logits, target, reduction="sum").item()
+            n += len(target)
+        full = next(r for r in res["quality"] if r["domain"] == domain and r["kind"] == "full")
+        assert full["tokens"] == n
+        assert full["accuracy"] == pytest.approx(correct / n, abs=1e-12)
+        assert full["nll"] == pytest.approx(nll / n, rel=1e-5)
+        assert full["retention"] == 1.0
