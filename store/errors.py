@@ -94,3 +94,9 @@ class ExportError(DomexError, ValueError):
     """A mask cannot become a compact checkpoint (non-uniform, too few experts) or the output folder is taken."""
 
     http_status = 400
+
+
+class UpstreamUnavailable(DomexError):
+    """The gateway has no healthy upstream server for a request."""
+
+    http_status = 503
