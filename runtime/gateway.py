@@ -7,8 +7,10 @@ The upstreams are any OpenAI-compatible servers: `vllm serve` of a `domex export
 domain, or `domex serve` processes. Which upstream a request went to, and why, is reported in headers:
   X-Domex-Domain    the matched (or forced, via the request's `domain` field) domain
   X-Domex-Upstream  the upstream URL used
-  X-Domex-Route     domain | ood | unmapped | down   (own upstream; out-of-domain, no upstream listed
-                    for the domain, or its upstream down -> the default upstream)
+  X-Domex-Route     domain | forced | ood | unmapped | down   (own upstream; the request's `domain` field;
+                    out-of-domain, no upstream listed for the domain, or its upstream down -> the default)
+The upstream request carries the domain in `X-Domex-Domain` and `serve_multiplexed_model_id`, so one
+Ray Serve deployment multiplexed by domain can stand behind every domain's URL.
 Out-of-domain queries go to --default; without one, to the nearest domain's upstream. Upstreams are
 health-checked with GET /health every --health-interval seconds and at once when a request to them
 fails to connect; a request whose upstream refuses the connection is retried once on the default.
@@ -143,7 +145,9 @@ class Gateway:
     async def proxy(self, path: str, raw: bytes, headers: dict, route: Route, stream: bool) -> Response:
         """Forward the body unchanged; on a refused connection mark the upstream down and retry once via the fallback."""
         out_headers = {"X-Domex-Domain": route.domain, "X-Domex-Upstream": route.upstream, "X-Domex-Route": route.reason}
-        request = self.client.build_request("POST", route.upstream + path, content=raw, headers=headers)
+        # the domain travels to the upstream too: Ray Serve multiplexing routes on serve_multiplexed_model_id
+        sent = {**headers, "X-Domex-Domain": route.domain, "serve_multiplexed_model_id": route.domain}
+        request = self.client.build_request("POST", route.upstream + path, content=raw, headers=sent)
         try:
             upstream = await self.client.send(request, stream=True)
         except (httpx.ConnectError, httpx.ConnectTimeout) as e:

@@ -225,3 +225,28 @@ def test_cli_refuses_a_malformed_upstream(tmp_path, capsys):
 
     assert main(["gateway", "--store", str(tmp_path), "--upstream", "cooking:8001"]) == 2
     assert "domex gateway: error: --upstream 'cooking:8001': write NAME=URL" in capsys.readouterr().err
+
+
+def test_proxy_sends_the_domain_upstream_and_streams_bytes_as_they_come():
+    """An in-memory upstream (httpx.MockTransport) sees the domain headers and the body unchanged."""
+    seen = {}
+
+    def upstream(request: httpx.Request) -> httpx.Response:
+        seen.update(headers=dict(request.headers), body=request.content, url=str(request.url))
+        return httpx.Response(200, headers={"content-type": "text/event-stream", "x-domex-domain": "other"},
+                              stream=httpx.ByteStream(b"data: {\"a\": 1}\n\ndata: [DONE]\n\n"))
+
+    async def go():
+        gateway = Gateway(GatewayConfig({"python": "http://up"}), FixedMatcher("python"))
+        gateway.client = httpx.AsyncClient(transport=httpx.MockTransport(upstream))
+        route = await gateway.route("def f(): pass")
+        response = await gateway.proxy("/v1/completions", b'{"prompt": "x", "stream": true}', {}, route, stream=True)
+        body = b"".join([c async for c in response.body_iterator])
+        await gateway.client.aclose()
+        return response, body
+
+    response, body = asyncio.run(go())
+    assert seen["url"] == "http://up/v1/completions" and seen["body"] == b'{"prompt": "x", "stream": true}'
+    assert seen["headers"]["x-domex-domain"] == "python" and seen["headers"]["serve_multiplexed_model_id"] == "python"
+    assert response.headers["x-domex-domain"] == "python"  # the gateway's decision, not the upstream's header
+    assert body.endswith(b"data: [DONE]\n\n")
