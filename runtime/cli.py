@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -262,6 +263,26 @@ def _gateway(args) -> int:
 ADDERS += [add_export, add_gateway]
 
 
+def add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="the whole path on the shipped demo model: pool, store, matched queries, summary")
+    p.add_argument("--model", default=str(Path(__file__).resolve().parent.parent / "models" / "tiny-moe"),
+                   help="HF MoE checkpoint folder (default: the shipped demo model)")
+    p.add_argument("--work", default=".domex", help="where the pool, the store and the PNG go (default .domex)")
+    p.add_argument("--budget", default="50%", help="resident experts per layer (default 50%%)")
+    p.add_argument("--tokens", type=int, default=24, help="tokens generated per query")
+    p.add_argument("--passages", type=int, default=40, help="held-out passages per domain for the accuracy table")
+    p.set_defaults(func=_demo)
+
+
+def _demo(args) -> int:
+    from .demo import run
+
+    return run(args)
+
+
+ADDERS += [add_demo]
+
+
 def add_eval(sub) -> None:
     p = sub.add_parser("eval", help="pruning quality per criterion x budget x domain, and routing accuracy; writes a report")
     p.add_argument("--pool", required=True, help="expert pool folder (domex pool build)")
@@ -306,4 +327,3 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-

@@ -1,0 +1,148 @@
+"""`domex demo`: the whole path on the shipped demo model, from pool and store to served queries.
+
+Builds the expert pool and the pattern store when missing, registers the shipped domain packs,
+then answers a fixed mix of queries from several domains, printing for each the matched domain,
+the experts loaded for it (only the missing ones) and the switch time, and the start of the
+generated text. Ends with resident vs full expert memory, held-out next-token accuracy of the
+full model vs each domain's mask, and a PNG of the domains' masks.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = ROOT / "models" / "tiny-moe"
+PACKS = ROOT / "patterns"
+
+QUERIES = [
+    ("python", "def read_config(path):"),
+    ("german", "Wer nicht wagt, der nicht gewinnt, sagte mein Großvater immer."),
+    ("math", "Question: A baker sells 14 loaves a day for 6 days. How many loaves does he sell?"),
+    ("python", "for index, item in enumerate(items):"),
+    ("sql", "Question: list the names of all customers from Berlin."),
+    ("c", "#include <stdio.h>\nstatic int parse_header(const char *buf, size_t len)"),
+    ("unix", "NAME\n       grep - print lines that match patterns"),
+    ("spanish", "El que madruga, Dios le ayuda, pero el que mucho duerme"),
+    ("english", "A friend in need is a friend indeed, said the old sailor"),
+    ("python", "class Cache:\n    def __init__(self, size):"),
+]
+
+
+def held_out(domain: str, eval_dir: Path, limit: int) -> list[str]:
+    path = eval_dir / f"{domain}.jsonl.gz"
+    with gzip.open(path, "rt") as f:
+        return [json.loads(line)["text"] for _, line in zip(range(limit), f)]
+
+
+@torch.no_grad()
+def next_token_accuracy(engine, mask, texts: list[str], max_len: int = 256) -> float:
+    """Share of positions where the argmax of the logits is the next token, over all texts."""
+    tok = engine.tokenizer
+    hits = total = 0
+    for text in texts:
+        ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"][:max_len]])
+        if ids.shape[1] < 2:
+            continue
+        logits = engine.logits(ids, mask=mask)  # [1, T, V]
+        hits += int((logits[0, :-1].argmax(-1) == ids[0, 1:]).sum())
+        total += ids.shape[1] - 1
+    return hits / max(total, 1)
+
+
+def plot_masks(masks: dict, num_experts: int, path: Path) -> None:
+    """One row per domain, one column block per layer: dark = kept."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = sorted(masks)
+    num_layers = next(iter(masks.values())).num_layers
+    grid = np.zeros((len(names), num_layers * num_experts))  # [domains, L*E]
+    for r, name in enumerate(names):
+        for l, ids in enumerate(masks[name].layers):
+            grid[r, [l * num_experts + e for e in ids]] = 1
+    fig, ax = plt.subplots(figsize=(12, 0.45 * len(names) + 1.5))
+    ax.imshow(grid, aspect="auto", cmap="Greys", interpolation="nearest")
+    ax.set_yticks(range(len(names)), names)
+    ax.set_xticks([l * num_experts + num_experts / 2 for l in range(num_layers)], [f"layer {l}" for l in range(num_layers)])
+    for l in range(1, num_layers):
+        ax.axvline(l * num_experts - 0.5, color="tab:red", lw=0.8)
+    ax.set_title("Kept routed experts per domain (dark = resident for that domain)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run(args) -> int:
+    from domex.store.budget import Budget
+    from domex.store.db import Store
+    from domex.store.errors import PoolError
+
+    from .engine import Engine
+    from .indexer import register
+    from .match import EmbeddingMatcher
+    from .pool import MANIFEST, build
+    from .serving import MaskBook
+
+    start = time.perf_counter()
+    work = Path(args.work)
+    pool_dir, store_dir = work / "pool", work / "store"
+    model = Path(args.model)
+    if not (model / "config.json").is_file():
+        raise PoolError(f"no model at {model} (config.json missing); the demo model ships in {MODEL}")
+    if not (pool_dir / MANIFEST).is_file():
+        print(f"building the expert pool {pool_dir} from {model}")
+        build(model, pool_dir)
+    packs = sorted(PACKS.glob("*.jsonl"))
+    store = Store.open(store_dir, fingerprint=json.loads((pool_dir / MANIFEST).read_text())["fingerprint"])
+    for pack in packs:
+        if pack.stem not in store:
+            register(pool_dir, store, pack.stem, pack)
+    print(f"store {store_dir}: {len(store.names())} domains ({', '.join(store.names())})\n")
+
+    engine = Engine.open(pool_dir, budget=args.budget)
+    manifest = engine.pool.manifest
+    masks = MaskBook(store, Budget.parse(args.budget), num_layers=manifest.num_layers, num_experts=manifest.num_experts)
+    matcher = EmbeddingMatcher(store)
+    print(f"{'expected':9} {'matched':9} {'sim':>5} {'loaded':>6} {'switch':>8}  generated")
+    for expected, prompt in QUERIES:
+        match = matcher.match_many([prompt])[0]
+        mask = masks.mask([match.domain])
+        report = engine.ensure(mask)
+        text = engine.generate(prompt, max_new_tokens=args.tokens, do_sample=False, chat_template=False)[0]
+        shown = (prompt + text).replace("\n", " ")[:70]
+        print(f"{expected:9} {match.domain + ('?' if match.ood else ''):9} {match.similarity:5.2f} {report.loaded:6d} "
+              f"{report.seconds * 1e3:6.1f}ms  {shown}")
+
+    stats = engine.stats()
+    full_bytes = manifest.num_layers * manifest.num_experts * manifest.expert_bytes
+    print(f"\nresident routed experts: {stats.slot_bytes / 2**20:.1f} MiB of slots "
+          f"({stats.slots_per_layer}/{manifest.num_experts} per layer) vs {full_bytes / 2**20:.1f} MiB for all experts "
+          f"({stats.slot_bytes / full_bytes:.0%})")
+    print(f"expert reads: {stats.misses} loaded, {stats.hits} already resident, {stats.bytes_read / 2**20:.1f} MiB read\n")
+
+    full_engine = Engine.open(pool_dir, budget="100%")
+    from domex.store.mask import Mask
+
+    everything = Mask.full(manifest.num_layers, manifest.num_experts)
+    print(f"held-out next-token accuracy ({args.passages} passages per domain, budget {args.budget}):")
+    print(f"{'domain':9} {'full':>6} {'mask':>6} {'kept':>6}")
+    domain_masks = {}
+    for name in store.names():
+        texts = held_out(name, PACKS / "eval", args.passages)
+        domain_masks[name] = masks.mask([name])
+        full = next_token_accuracy(full_engine, everything, texts)
+        pruned = next_token_accuracy(engine, domain_masks[name], texts)
+        print(f"{name:9} {full:6.3f} {pruned:6.3f} {pruned / max(full, 1e-9):6.1%}")
+    png = work / "demo_masks.png"
+    plot_masks(domain_masks, manifest.num_experts, png)
+    print(f"\nmasks of every domain: {png}\ndemo finished in {time.perf_counter() - start:.0f} s")
+    return 0
