@@ -71,6 +71,7 @@ def test_export_loads_in_transformers_with_domex_logits(family, tmp_path):
     else:
         model, pool = source(tmp_path, family)
         mask = random_mask(pool.manifest.num_layers, 8, 4, seed=FAMILIES.index(family))
+    engine_diff = float("nan")
     with pool:
         report = export(pool, mask, tmp_path / "out", provenance={"domains": ["test"]})
         ids = tokens()
@@ -80,12 +81,13 @@ def test_export_loads_in_transformers_with_domex_logits(family, tmp_path):
         via_engine = engine_logits(pool, mask, ids)
         if via_engine is not None:
             torch.testing.assert_close(got, via_engine, rtol=0, atol=1e-5)
+            engine_diff = float((got - via_engine).abs().max())
     assert report.kept_per_layer == len(mask.layers[0]) and compact.config.num_experts_per_tok == 2
     info = json.loads((tmp_path / "out" / INFO).read_text())
     assert info["source_fingerprint"] == pool.fingerprint and info["domains"] == ["test"]
     assert [info["kept"][str(l)] for l in pool.manifest.moe_layers] == [list(k) for k in mask.layers]
     SIZES[family] = (safetensors_bytes(tmp_path / "model"), safetensors_bytes(tmp_path / "out"),
-                     float((got - want).abs().max()))
+                     float((got - want).abs().max()), engine_diff)
     assert SIZES[family][1] < SIZES[family][0]
     assert not list(tmp_path.glob(".out.tmp-*"))  # temp folder renamed away
 
@@ -141,9 +143,10 @@ def test_output_folder_in_use_is_refused(tmp_path):
 
 
 def test_sizes_report():
-    """Printed with -s: source vs export safetensors bytes (K=4 of E=8; DeepSeek K=8 of 16) and max |logit diff|."""
-    for family, (src, out, diff) in SIZES.items():
-        print(f"{family:12s} source {src:8d} B  export {out:8d} B  ({out / src:.1%})  max|diff| {diff:.2e}")
+    """Printed with -s: source vs export safetensors bytes (K=4 of E=8; DeepSeek K=8 of 16), max |logit diff|."""
+    for family, (src, out, diff, engine) in SIZES.items():
+        print(f"{family:12s} source {src:8d} B  export {out:8d} B  ({out / src:.1%})  "
+              f"max|diff| vs restricted stock {diff:.2e}, vs Engine {engine:.2e}")
 
 
 def test_cli_export_from_store_and_from_mask_file(tmp_path, capsys):
