@@ -73,13 +73,15 @@ def softmax_router(count_key: str, *, always_renormalize: bool = False, cast_wei
 
 @dataclass(frozen=True)
 class Adapter:
+    """A family's facts; the defaults are transformers' common MoE layout (`mlp.gate`, `mlp.experts.{e}.*_proj`)."""
+
     model_type: str
-    count_key: str  # config key of the routed expert count (num_experts / num_local_experts / n_routed_experts)
-    router_attr: str  # attribute of the MoE block that holds the router
-    router_prefix: str  # on-disk prefix of the router's tensors, e.g. "model.layers.{l}.mlp.gate."
-    router_config: Callable[[object], RouterConfig]
-    fused: FusedLayout  # the in-memory layout, also how transformers saves with save_original_format=False
-    per_expert: PerExpertLayout | None  # the usual on-disk layout; None where the family is fused on disk
+    count_key: str = "num_experts"  # config key of the routed expert count (num_experts / num_local_experts / n_routed_experts)
+    router_attr: str = "gate"  # attribute of the MoE block that holds the router
+    router_prefix: str = "model.layers.{l}.mlp.gate."  # on-disk prefix of the router's tensors
+    router_config: Callable[[object], RouterConfig] = softmax_router("num_experts")
+    fused: FusedLayout = FusedLayout("model.layers.{l}.mlp.experts.")  # in memory; also save_original_format=False
+    per_expert: PerExpertLayout | None = PerExpertLayout("model.layers.{l}.mlp.experts.{e}.")  # usual on disk; None if fused
     group_keys: tuple[str, str] | None = None  # config keys (n_group, topk_group) of group-limited routing
     renames: tuple[tuple[str, str], ...] = ()  # on-disk -> in-memory substrings of non-expert keys (pool build)
 

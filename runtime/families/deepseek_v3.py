@@ -2,7 +2,7 @@
 routed_scaling_factor, always-on shared experts and dense first layers (`first_k_dense_replace`)."""
 
 from ..routing import RouterConfig, RoutingRule
-from . import Adapter, FusedLayout, PerExpertLayout
+from . import Adapter
 
 
 def router_config(config) -> RouterConfig:
@@ -14,10 +14,6 @@ def router_config(config) -> RouterConfig:
 ADAPTER = Adapter(
     model_type="deepseek_v3",
     count_key="n_routed_experts",
-    router_attr="gate",
-    router_prefix="model.layers.{l}.mlp.gate.",
     router_config=router_config,
-    fused=FusedLayout("model.layers.{l}.mlp.experts."),
-    per_expert=PerExpertLayout("model.layers.{l}.mlp.experts.{e}."),
     group_keys=("n_group", "topk_group"),
 )

@@ -3,14 +3,6 @@
 The shared expert (`mlp.shared_expert`, `mlp.shared_expert_gate`) is a dense weight: always kept.
 """
 
-from . import Adapter, FusedLayout, PerExpertLayout, softmax_router
+from . import Adapter
 
-ADAPTER = Adapter(
-    model_type="qwen2_moe",
-    count_key="num_experts",
-    router_attr="gate",
-    router_prefix="model.layers.{l}.mlp.gate.",
-    router_config=softmax_router("num_experts"),
-    fused=FusedLayout("model.layers.{l}.mlp.experts."),
-    per_expert=PerExpertLayout("model.layers.{l}.mlp.experts.{e}."),
-)
+ADAPTER = Adapter(model_type="qwen2_moe")
