@@ -60,11 +60,15 @@ class Engine:
         if mode not in SOFTMAX_MODES:
             raise ValueError(f"unknown softmax restriction mode {mode!r}; use one of {SOFTMAX_MODES}")
         pool = open_pool(pool)
-        if fingerprint is not None:
-            pool.check_fingerprint(fingerprint, "the given fingerprint")
-        device = dev.resolve(device)
-        cache = ExpertCache.from_budget(pool, budget, device)
-        model = load_skeleton(pool, device)
+        try:
+            if fingerprint is not None:
+                pool.check_fingerprint(fingerprint, "the given fingerprint")
+            device = dev.resolve(device)
+            cache = ExpertCache.from_budget(pool, budget, device)
+            model = load_skeleton(pool, device)
+        except BaseException:
+            pool.close()
+            raise
         for name, slots in zip(pool.manifest.experts_module, cache.slots):
             experts = model.get_submodule(name)
             for param, buffer in slots.items():  # [S, ...]: the slot buffer itself, no copy

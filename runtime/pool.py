@@ -314,7 +314,13 @@ class PoolManifest:
 
 @contextlib.contextmanager
 def _locked(pool_dir: Path, exclusive: bool) -> Iterator[int]:
-    fd = os.open(pool_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(pool_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    except PermissionError:
+        if exclusive:
+            raise PoolError(f"{pool_dir}: not writable, so no pool can be built there; give another POOL_DIR") from None
+        yield -1  # a read-only pool cannot be rebuilt in place: nothing to guard against
+        return
     try:
         fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
     except BlockingIOError:
