@@ -290,7 +290,9 @@ def add_eval(sub) -> None:
     p.add_argument("--budgets", default="0.25,0.5,0.75", help="comma-separated budgets (fractions, counts or bytes)")
     p.add_argument("--criteria", default="easyep,frequency,gate_sum,reap,tcess,random", help="comma-separated criteria")
     p.add_argument("--eval-dir", default="patterns/eval", help="held-out splits <domain>.jsonl[.gz] and ood.jsonl[.gz]")
-    p.add_argument("--max-passages", type=int, help="first N held-out passages per domain (and of the OOD set)")
+    p.add_argument("--max-passages", type=int, help="first N held-out passages per domain for pruning quality")
+    p.add_argument("--routing-passages", type=int, help="first N held-out passages per domain and of the OOD set "
+                   "for routing (default: all; matching is cheap)")
     p.add_argument("--max-len", type=int, help="truncate passages to this many tokens (default: the model's context)")
     p.add_argument("--batch-size", type=int, default=16, help="passages per forward pass")
     p.add_argument("--domain", action="append", help="evaluate only this domain; repeat (default: every stored domain)")

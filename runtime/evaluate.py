@@ -54,10 +54,9 @@ OOD = "ood"
 
 @dataclass(frozen=True)
 class Split:
-    """One domain's held-out passages: the texts (for matching) and their token ids (for scoring)."""
+    """One domain's held-out passages as token ids, for scoring."""
 
     domain: str
-    texts: list[str]
     ids: list[torch.Tensor]  # [T_i] each, truncated to the context
 
     @property
@@ -168,10 +167,10 @@ def load_split(tokenizer, eval_dir: Path, domain: str, limit: int | None, contex
     """Plain text, no special tokens (as the demo model was trained), cut to `context` tokens."""
     texts = read_split(split_path(eval_dir, domain), limit)
     ids = [torch.tensor(x[:context], dtype=torch.long) for x in tokenizer(texts, add_special_tokens=False)["input_ids"]]
-    kept = [(t, x) for t, x in zip(texts, ids) if len(x) >= 2]  # one token has no next token to predict
+    kept = [x for x in ids if len(x) >= 2]  # one token has no next token to predict
     if not kept:
         raise ConfigError(f"{domain}: every held-out passage is shorter than two tokens; nothing to score")
-    return Split(domain, [t for t, _ in kept], [x for _, x in kept])
+    return Split(domain, kept)
 
 
 def batches(split: Split, batch_size: int, pad_id: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -278,15 +277,21 @@ def plan(patterns: dict[str, Pattern], budgets: list[Budget], criteria: tuple[st
 
 
 def evaluate_quality(engine, runs: list[Run], data: dict[str, list], progress: bool = True) -> list[QualityRow]:
-    """Score every run on its domains; random seeds are averaged into one row per budget and domain."""
+    """Score every run on its domains; random seeds are averaged into one row per budget and domain.
+
+    Criteria often agree at a budget (the same mask): a (mask, domain) pair is scored once.
+    """
     from tqdm import tqdm
 
     bar = tqdm(total=sum(len(r.domains) for r in runs), desc="eval masks", unit="run", disable=not progress)
     scored: list[tuple[Run, str, Score]] = []
+    done: dict[tuple[Mask, str], Score] = {}
     for run in runs:
         for domain in run.domains:
             bar.set_postfix_str(f"{run.kind} {run.criterion or ''} {run.budget:.2f} {domain}")
-            scored.append((run, domain, score_mask(engine, run.mask, data[domain])))
+            if (run.mask, domain) not in done:
+                done[run.mask, domain] = score_mask(engine, run.mask, data[domain])
+            scored.append((run, domain, done[run.mask, domain]))
             bar.update()
     bar.close()
     full = {d: s.accuracy for r, d, s in scored if r.kind == "full"}
@@ -310,14 +315,14 @@ def evaluate_quality(engine, runs: list[Run], data: dict[str, list], progress: b
 # routing
 
 
-def evaluate_routing(matcher, splits: dict[str, Split], ood: list[str]) -> Routing:
+def evaluate_routing(matcher, queries: dict[str, list[str]], ood: list[str]) -> Routing:
     """Top-1 domain accuracy, confusion matrix and OOD detection of one matcher on held-out text."""
     start = time.perf_counter()
-    labels = list(splits)
+    labels = list(queries)
     confusion = np.zeros((len(labels), len(labels)), dtype=int)  # [true, predicted]
     alarms, total = 0, 0
-    for i, (domain, split) in enumerate(splits.items()):
-        for m in matcher.match_many(split.texts):
+    for i, (domain, texts) in enumerate(queries.items()):
+        for m in matcher.match_many(texts):
             confusion[i, labels.index(m.domain)] += 1
             alarms += m.ood
             total += 1
@@ -382,7 +387,8 @@ def machine() -> dict:
 
 
 def evaluate(pool, store, *, budgets=DEFAULT_BUDGETS, criteria=DEFAULT_CRITERIA, eval_dir="patterns/eval",
-             max_passages: int | None = None, max_len: int | None = None, batch_size: int = 16,
+             max_passages: int | None = None, routing_passages: int | None = None, max_len: int | None = None,
+             batch_size: int = 16,
              domains: list[str] | None = None, command: str = "", progress: bool = True) -> Results:
     """Run the quality and routing evaluations of the module docstring; returns the typed results."""
     from .engine import Engine
@@ -404,7 +410,8 @@ def evaluate(pool, store, *, budgets=DEFAULT_BUDGETS, criteria=DEFAULT_CRITERIA,
         context = context_length(engine.model.config, max_len)
         eval_dir = Path(eval_dir)
         splits = {d: load_split(tok, eval_dir, d, max_passages, context) for d in names}
-        ood = read_split(split_path(eval_dir, OOD), max_passages)
+        queries = {d: read_split(split_path(eval_dir, d), routing_passages) for d in names}
+        ood = read_split(split_path(eval_dir, OOD), routing_passages)
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
         data = {d: batches(s, batch_size, pad) for d, s in splits.items()}
         runs = plan(patterns, budgets, criteria)
@@ -412,8 +419,8 @@ def evaluate(pool, store, *, budgets=DEFAULT_BUDGETS, criteria=DEFAULT_CRITERIA,
         quality = evaluate_quality(engine, runs, data, progress)
         t2 = time.perf_counter()
         engine.ensure(Mask.full(*next(iter(patterns.values())).shape))
-        routing = [evaluate_routing(EmbeddingMatcher(store), splits, ood),
-                   evaluate_routing(SignatureMatcher(store, engine.model, tok), splits, ood)]
+        routing = [evaluate_routing(EmbeddingMatcher(store), queries, ood),
+                   evaluate_routing(SignatureMatcher(store, engine.model, tok), queries, ood)]
         t3 = time.perf_counter()
     finally:
         engine.close()
@@ -428,9 +435,11 @@ def evaluate(pool, store, *, budgets=DEFAULT_BUDGETS, criteria=DEFAULT_CRITERIA,
              "experts": engine.pool.manifest.num_experts, "top_k": int(next(iter(patterns.values())).settings["top_k"]),
              "domains": list(names), "criteria": list(criteria), "budgets": [b.text for b in budgets],
              "random_seeds": list(RANDOM_SEEDS), "eval_dir": str(eval_dir), "max_passages": max_passages,
+             "routing_passages_asked": routing_passages,
              "context": context, "batch_size": batch_size, "target_budget": target_budget,
              "passages": {d: len(s.ids) for d, s in splits.items()}, "tokens": {d: s.tokens for d, s in splits.items()},
-             "ood_passages": len(ood), "runs": sum(len(r.domains) for r in runs)}
+             "routing_passages": {d: len(q) for d, q in queries.items()}, "ood_passages": len(ood),
+             "runs": sum(len(r.domains) for r in runs)}
     return Results(command, machine(), setup, quality, routing, overlap, check_targets(quality, routing, target_budget),
                    {"prepare": round(t1 - t0, 1), "quality": round(t2 - t1, 1), "routing": round(t3 - t2, 1),
                     "total": round(t3 - t0, 1)})
@@ -543,10 +552,11 @@ def report(res: Results, images: str = "") -> str:
              f"Python {m['python']}, torch {m['torch']}, transformers {m['transformers']}. "
              f"Wall time {res.seconds.get('total', 0):.0f} s (quality {res.seconds.get('quality', 0):.0f} s, "
              f"routing {res.seconds.get('routing', 0):.0f} s).", "",
-             f"Held-out data: `{s['eval_dir']}`, the first {s['max_passages'] or 'all'} passages per domain "
-             f"({', '.join(f'{d} {n}' for d, n in s['passages'].items())} passages; "
-             f"{sum(s['tokens'].values())} scored tokens), {s['ood_passages']} out-of-domain passages; "
-             f"truncated to {s['context']} tokens. {s['runs']} (mask, domain) runs.", "",
+             f"Held-out data: `{s['eval_dir']}`. Pruning quality: the first {s['max_passages'] or 'all'} passages per "
+             f"domain ({', '.join(f'{d} {n}' for d, n in s['passages'].items())}; {sum(s['tokens'].values())} scored "
+             f"tokens), truncated to {s['context']} tokens; {s['runs']} (mask, domain) runs. Routing: "
+             f"{sum(s['routing_passages'].values())} in-domain passages (the first {s['routing_passages_asked'] or 'all'} "
+             f"per domain) and {s['ood_passages']} out-of-domain passages.", "",
              "## Targets (DESIGN §8)", ""]
     lines += _table(["target", "goal", "measured", "met", "margin"],
                     [[t.name, t.goal, t.value, "met" if t.met else "**missed**", t.by] for t in res.targets])
@@ -645,6 +655,8 @@ def command_line(args) -> str:
              "--criteria", args.criteria, "--eval-dir", args.eval_dir, "--batch-size", str(args.batch_size)]
     if args.max_passages is not None:
         parts += ["--max-passages", str(args.max_passages)]
+    if args.routing_passages is not None:
+        parts += ["--routing-passages", str(args.routing_passages)]
     if args.max_len is not None:
         parts += ["--max-len", str(args.max_len)]
     for d in args.domain or []:
@@ -661,7 +673,8 @@ def run(args) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     res = evaluate(args.pool, args.store, budgets=args.budgets, criteria=args.criteria, eval_dir=args.eval_dir,
-                   max_passages=args.max_passages, max_len=args.max_len, batch_size=args.batch_size,
+                   max_passages=args.max_passages, routing_passages=args.routing_passages, max_len=args.max_len,
+                   batch_size=args.batch_size,
                    domains=args.domain, command=command_line(args), progress=not args.quiet)
     write(res, Path(args.out), Path(args.publish) if args.publish else None)
     for t in res.targets:
