@@ -95,29 +95,42 @@ def pack_items(items: list[str], lo: int = MIN_CHARS, hi: int = MAX_CHARS) -> li
 
 def split_by_file(name: str, files: list[Path], read, rng: random.Random,
                   to_passages=chunk_lines, demo_fn=None) -> Split:
-    """Assign whole source files to eval until it holds enough passages; the rest is training."""
+    """Assign whole source files to eval until it holds enough passages; the next files are training.
+
+    The same text can sit in several files (e.g. a header installed under two paths), so eval is
+    also cleaned of passages that occur in training or twice; when that leaves too few, it is
+    topped up from files after the training cap, which training never reads.
+    """
     files = sorted(files)
     rng.shuffle(files)
-    ev, tr, tr_chars, tr_files = [], [], 0, []
-    for f in tqdm(files, desc=f"{name:8s}", leave=False):
+
+    def passages(f: Path) -> list[str]:
         try:
-            text = read(f)
+            return to_passages(read(f))
         except (UnicodeDecodeError, OSError, subprocess.SubprocessError):
-            continue
-        ps = to_passages(text)
-        if not ps:
-            continue
+            return []
+
+    ev, tr, tr_chars, i = [], [], 0, 0
+    bar = tqdm(total=len(files), desc=f"{name:8s}", leave=False)
+    while i < len(files) and tr_chars < TRAIN_CHARS:
+        ps = passages(files[i])
+        i += 1
+        bar.update(1)
         if len(ev) < EVAL_PASSAGES:  # whole files go to eval until it holds enough
             ev.extend(ps)
-        elif tr_chars < TRAIN_CHARS:
+        else:
             tr.extend(ps)
             tr_chars += sum(map(len, ps))
-            tr_files.append(f)
-        else:
-            break
-    if len(ev) < EVAL_PASSAGES:
-        raise SystemExit(f"{name}: only {len(ev)} eval passages; source too small")
-    ev = rng.sample(ev, EVAL_PASSAGES)
+    seen = set(tr)
+    clean = [p for p in ev if not (p in seen or seen.add(p))]
+    while len(clean) < EVAL_PASSAGES and i < len(files):  # top up from files training never read
+        clean.extend(p for p in passages(files[i]) if not (p in seen or seen.add(p)))
+        i += 1
+        bar.update(1)
+    bar.close()
+    if len(clean) < EVAL_PASSAGES:
+        raise SystemExit(f"{name}: only {len(clean)} clean eval passages; source too small")
+    ev = rng.sample(clean, EVAL_PASSAGES)
     demos = demo_fn(tr, rng) if demo_fn else [{"text": t} for t in rng.sample(tr, N_DEMOS)]
     return Split(train=tr, eval=ev, demos=demos)
 
