@@ -167,13 +167,11 @@ def add_mask(sub) -> None:
 
 
 def _mask(args) -> int:
-    from domex.store.budget import Budget
+    from domex.store.budget import Budget, domain_mask
     from domex.store.db import Store
 
-    from .indexer import mixed_mask
-
     store = Store.open(args.store, create=False)
-    mask = mixed_mask([store.get(d) for d in args.domain], Budget.parse(args.budget), args.criterion, args.rule)
+    mask = domain_mask([store.get(d) for d in args.domain], Budget.parse(args.budget), args.criterion, args.rule)
     mask.save(args.output)
     print(f"wrote {args.output}: {'+'.join(args.domain)}, {sum(mask.kept_counts())} experts over {mask.num_layers} layers "
           f"({mask.fraction():.0%}), per layer {' '.join(map(str, mask.kept_counts()))}")

@@ -7,8 +7,8 @@ Shape legend: L MoE layers, E routed experts, N demos, T tokens.
     (full model, or layer by layer in streaming mode) -> score_all -> Pattern -> store.register
     (one LMDB write transaction; FAISS is derived from it).
 
-Also the read side of registered domains that the `domex domains` and `domex mask` commands print:
-per-layer kept counts, overlap between domains' masks, a heatmap, and (mixed) masks.
+Also the read side of registered domains that `domex domains show` prints: per-layer kept counts,
+overlap between domains' masks, a heatmap.
 """
 
 from __future__ import annotations
@@ -24,11 +24,11 @@ from typing import Callable
 import numpy as np
 import torch
 
-from domex.store.budget import Budget, merge, select
+from domex.store.budget import Budget, domain_mask
 from domex.store.db import Store
 from domex.store.demos import Demo, read_demos
 from domex.store.embed import get_embedder
-from domex.store.errors import DomainExists, PoolError
+from domex.store.errors import ConfigError, DemoError, DomainExists, PoolError
 from domex.store.mask import Mask
 from domex.store.pattern import Pattern, check_name
 from domex.store.scores import CRITERIA, PRIMARY, check_criteria, score_all
@@ -47,6 +47,7 @@ class Subject:
     load_model: Callable[[], torch.nn.Module]  # full mode
     layer_source: Callable[[], LayerSource] | None = None  # streaming mode; None where unsupported
     source: str = "model"  # for messages: the pool or model folder
+    close: Callable[[], None] = lambda: None  # releases what open_subject opened (a pool's lock and files)
 
 
 def from_pool(pool) -> Subject:
@@ -55,6 +56,7 @@ def from_pool(pool) -> Subject:
 
     from .pool import Pool, load_full_model, open_pool
 
+    owned = not isinstance(pool, Pool)
     pool = open_pool(pool)
     config = AutoConfig.for_model(**pool.manifest.config)
     return Subject(
@@ -64,6 +66,7 @@ def from_pool(pool) -> Subject:
         load_model=lambda: load_full_model(pool).eval(),
         layer_source=lambda: pool_source(pool),
         source=f"pool {pool.dir}",
+        close=pool.close if owned else (lambda: None),
     )
 
 
@@ -149,9 +152,9 @@ def context_length(config, max_len: int | None) -> int:
     """The longest demo the model takes: its max_position_embeddings, or a smaller --max-len."""
     limit = int(getattr(config, "max_position_embeddings", 0) or 0) or None
     if max_len is not None and max_len < 1:
-        raise PoolError(f"max_len={max_len} keeps no tokens; give a positive --max-len or leave it unset")
+        raise ConfigError(f"max_len={max_len} keeps no tokens; give a positive --max-len or leave it unset")
     if limit is None and max_len is None:
-        raise PoolError("the model config has no max_position_embeddings; pass --max-len to bound the demo length")
+        raise ConfigError("the model config has no max_position_embeddings; pass --max-len to bound the demo length")
     return min(x for x in (limit, max_len) if x is not None)
 
 
@@ -164,7 +167,7 @@ def tokenize(tokenizer, demos: list[Demo], limit: int, source: str = "demos") ->
         warnings.warn(f"{source}: {len(long)} of {len(out)} demos are longer than the model's context of {limit} "
                       f"tokens (longest {max(long)}); they were truncated to {limit} tokens", stacklevel=2)
     if any(len(ids) == 0 for ids in out):
-        raise PoolError(f"{source}: a demo tokenises to no tokens; give every demo some text")
+        raise DemoError(f"{source}: a demo tokenises to no tokens; give every demo some text")
     return [ids[:limit] for ids in out]
 
 
@@ -191,41 +194,44 @@ def register(pool_or_model, store: Store | str | Path, domain: str, demos, crite
     source = str(demos) if isinstance(demos, (str, Path)) else "demos"
     demos = read_demos(demos) if isinstance(demos, (str, Path)) else list(demos)
     subject = open_subject(pool_or_model)
-    store = _open_store(store, subject.fingerprint)
-    if not replace and domain in store:
-        raise DomainExists(f"domain {domain!r} is already registered in {store.path}; pass --replace (replace=True) to overwrite it")
-    if streaming and subject.layer_source is None:
-        raise PoolError(f"streaming mode reads weights layer by layer from an expert pool, and {subject.source} is not one; "
-                        "build one with `domex pool build MODEL_DIR POOL_DIR` and pass --pool, or drop --streaming")
+    try:
+        store = _open_store(store, subject.fingerprint)
+        if not replace and domain in store:
+            raise DomainExists(f"domain {domain!r} is already registered in {store.path}; pass --replace (replace=True) to overwrite it")
+        if streaming and subject.layer_source is None:
+            raise ConfigError(f"streaming mode reads weights layer by layer from an expert pool, and {subject.source} is not one; "
+                              "build one with `domex pool build MODEL_DIR POOL_DIR` and pass --pool, or drop --streaming")
 
-    adapter = adapter_for(subject.config)
-    cfg = adapter.router_config(subject.config)
-    limit = context_length(subject.config, max_len)
-    sequences = tokenize(subject.tokenizer, demos, limit, source)
-    embeddings = get_embedder().encode([d.text for d in demos])  # [N, D]
+        adapter = adapter_for(subject.config)
+        cfg = adapter.router_config(subject.config)
+        limit = context_length(subject.config, max_len)
+        sequences = tokenize(subject.tokenizer, demos, limit, source)
+        embeddings = get_embedder().encode([d.text for d in demos])  # [N, D]
 
-    bar = lambda seqs: tqdm(seqs, desc=f"observe {domain}", unit="demo", disable=not progress)  # noqa: E731
-    if streaming:
-        layers = subject.layer_source()
-        stats = observe_streaming(layers, sequences, progress=bar)
-        model = layers.model
-    else:
-        model = subject.load_model()
-        stats = observe(model, sequences, progress=bar)
-    pattern = Pattern(
-        name=domain,
-        fingerprint=subject.fingerprint,
-        scores=score_all(stats, criteria, seed),
-        tokens=stats.tokens,
-        demos=[d.to_json() for d in demos],
-        embeddings=embeddings,
-        settings={
-            "criteria": list(criteria), "seed": seed, "top_k": cfg.top_k, "num_experts": cfg.num_experts,
-            "num_layers": stats.shape[0], "family": adapter.model_type, "chat_template": chat_template_id(subject.tokenizer),
-            "max_len": limit, "streaming": streaming, "expert_bytes": _expert_bytes(model, adapter),
-        },
-    )
-    store.register(pattern, replace=replace)
+        bar = lambda seqs: tqdm(seqs, desc=f"observe {domain}", unit="demo", disable=not progress)  # noqa: E731
+        if streaming:
+            layers = subject.layer_source()
+            stats = observe_streaming(layers, sequences, progress=bar)
+            model = layers.model
+        else:
+            model = subject.load_model()
+            stats = observe(model, sequences, progress=bar)
+        pattern = Pattern(
+            name=domain,
+            fingerprint=subject.fingerprint,
+            scores=score_all(stats, criteria, seed),
+            tokens=stats.tokens,
+            demos=[d.to_json() for d in demos],
+            embeddings=embeddings,
+            settings={
+                "criteria": list(criteria), "seed": seed, "top_k": cfg.top_k, "num_experts": cfg.num_experts,
+                "num_layers": stats.shape[0], "family": adapter.model_type, "chat_template": chat_template_id(subject.tokenizer),
+                "max_len": limit, "streaming": streaming, "expert_bytes": _expert_bytes(model, adapter),
+            },
+        )
+        store.register(pattern, replace=replace)
+    finally:
+        subject.close()
     return pattern
 
 
@@ -238,23 +244,6 @@ def _expert_bytes(model: torch.nn.Module, adapter) -> int:
 
 
 # -- registered domains: masks, kept counts, overlap, heatmap ----------------------------------
-
-
-def domain_mask(pattern: Pattern, budget: Budget, criterion: str = PRIMARY, rule: str = "uniform") -> Mask:
-    """One domain's mask under a budget; ties broken by its frequency scores when it has them."""
-    s = pattern.settings
-    return select(pattern.score(criterion), budget, top_k=s["top_k"], expert_bytes=s.get("expert_bytes"),
-                  frequency=pattern.scores.get("frequency"), rule=rule)
-
-
-def mixed_mask(patterns: list[Pattern], budget: Budget, criterion: str = PRIMARY, rule: str = "uniform") -> Mask:
-    """Several domains' mask: their scores L1-normalised per layer and summed (budget.merge), then selected."""
-    if len(patterns) == 1:
-        return domain_mask(patterns[0], budget, criterion, rule)
-    s = patterns[0].settings
-    scores = merge([p.score(criterion) for p in patterns])  # [L, E]
-    freq = merge([p.scores["frequency"] for p in patterns]) if all("frequency" in p.scores for p in patterns) else None
-    return select(scores, budget, top_k=s["top_k"], expert_bytes=s.get("expert_bytes"), frequency=freq, rule=rule)
 
 
 def jaccard(a: Mask, b: Mask) -> float:
@@ -293,13 +282,13 @@ def describe(store: Store, name: str, budget: str = "0.5", criterion: str = PRIM
     """Per-layer kept counts of a domain at a budget and its mask overlap with every other domain."""
     parsed = Budget.parse(budget)
     pattern = store.get(name)
-    mask = domain_mask(pattern, parsed, criterion, rule)
+    mask = domain_mask([pattern], parsed, criterion, rule)
     overlap = {}
     for other in store.names():
         if other != name:
             theirs = store.get(other)
             if criterion in theirs.scores:
-                overlap[other] = jaccard(mask, domain_mask(theirs, parsed, criterion, rule))
+                overlap[other] = jaccard(mask, domain_mask([theirs], parsed, criterion, rule))
     return DomainReport(pattern.record(), budget, criterion, rule, mask.kept_counts(), overlap)
 
 
