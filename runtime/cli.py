@@ -295,6 +295,7 @@ def add_eval(sub) -> None:
     p.add_argument("--batch-size", type=int, default=16, help="passages per forward pass")
     p.add_argument("--domain", action="append", help="evaluate only this domain; repeat (default: every stored domain)")
     p.add_argument("--publish", help="also write the report here (e.g. docs/RESULTS.md) with its PNGs in results/ beside it")
+    p.add_argument("--about", help="a paragraph for the top of the report, e.g. which checkpoint the pool was built from")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice; 1 is fastest on busy shared cores)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--out", required=True, help="folder for results.json, report.md and the PNG plots")

@@ -389,7 +389,7 @@ def machine() -> dict:
 def evaluate(pool, store, *, budgets=DEFAULT_BUDGETS, criteria=DEFAULT_CRITERIA, eval_dir="patterns/eval",
              max_passages: int | None = None, routing_passages: int | None = None, max_len: int | None = None,
              batch_size: int = 16,
-             domains: list[str] | None = None, command: str = "", progress: bool = True) -> Results:
+             domains: list[str] | None = None, command: str = "", about: str = "", progress: bool = True) -> Results:
     """Run the quality and routing evaluations of the module docstring; returns the typed results."""
     from .engine import Engine
     from .match import EmbeddingMatcher, SignatureMatcher
@@ -430,7 +430,7 @@ def evaluate(pool, store, *, budgets=DEFAULT_BUDGETS, criteria=DEFAULT_CRITERIA,
     overlap = {"criterion": overlap_criterion, "budget": TARGET_BUDGET, "labels": list(names),
                "jaccard": [[round(jaccard(a, b), 4) for b in masks] for a in masks]}
     target_budget = min({r.budget for r in quality if r.kind != "full"}, key=lambda b: abs(b - TARGET_BUDGET))
-    setup = {"pool": str(engine.pool.dir), "store": str(store.path), "fingerprint": store.fingerprint(),
+    setup = {"about": about, "pool": str(engine.pool.dir), "store": str(store.path), "fingerprint": store.fingerprint(),
              "model_type": engine.pool.manifest.model_type, "moe_layers": engine.pool.manifest.num_layers,
              "experts": engine.pool.manifest.num_experts, "top_k": int(next(iter(patterns.values())).settings["top_k"]),
              "domains": list(names), "criteria": list(criteria), "budgets": [b.text for b in budgets],
@@ -534,6 +534,10 @@ def plot_overlap(res: Results, path: Path) -> None:
 PLOTS = {"accuracy_vs_budget.png": plot_accuracy, "confusion.png": plot_confusion, "mask_overlap.png": plot_overlap}
 
 
+def _first(n: int | None) -> str:
+    return "all" if n is None else f"the first {n}"
+
+
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"] + \
            ["| " + " | ".join(r) + " |" for r in rows]
@@ -544,7 +548,7 @@ def report(res: Results, images: str = "") -> str:
     s, m = res.setup, res.machine
     b = s["target_budget"]
     domains = s["domains"]
-    lines = ["# domex evaluation results", "",
+    lines = ["# domex evaluation results", ""] + ([s["about"], ""] if s.get("about") else []) + [
              f"Model: `{s['model_type']}` pool `{s['pool']}` (fingerprint `{s['fingerprint'][:12]}`), {s['moe_layers']} MoE "
              f"layers x {s['experts']} routed experts, top-{s['top_k']}. Store `{s['store']}`: {len(domains)} domains.", "",
              "Regenerate with:", "", "```bash", res.command, "```", "",
@@ -552,11 +556,11 @@ def report(res: Results, images: str = "") -> str:
              f"Python {m['python']}, torch {m['torch']}, transformers {m['transformers']}. "
              f"Wall time {res.seconds.get('total', 0):.0f} s (quality {res.seconds.get('quality', 0):.0f} s, "
              f"routing {res.seconds.get('routing', 0):.0f} s).", "",
-             f"Held-out data: `{s['eval_dir']}`. Pruning quality: the first {s['max_passages'] or 'all'} passages per "
+             f"Held-out data: `{s['eval_dir']}`. Pruning quality: {_first(s['max_passages'])} passages per "
              f"domain ({', '.join(f'{d} {n}' for d, n in s['passages'].items())}; {sum(s['tokens'].values())} scored "
              f"tokens), truncated to {s['context']} tokens; {s['runs']} (mask, domain) runs. Routing: "
-             f"{sum(s['routing_passages'].values())} in-domain passages (the first {s['routing_passages_asked'] or 'all'} "
-             f"per domain) and {s['ood_passages']} out-of-domain passages.", "",
+             f"{sum(s['routing_passages'].values())} in-domain passages ({_first(s['routing_passages_asked'])} per domain) "
+             f"and {s['ood_passages']} out-of-domain passages.", "",
              "## Targets (DESIGN §8)", ""]
     lines += _table(["target", "goal", "measured", "met", "margin"],
                     [[t.name, t.goal, t.value, "met" if t.met else "**missed**", t.by] for t in res.targets])
@@ -663,6 +667,8 @@ def command_line(args) -> str:
         parts += ["--domain", d]
     if args.threads is not None:
         parts += ["--threads", str(args.threads)]
+    if args.about:
+        parts += ["--about", args.about]
     if args.publish:
         parts += ["--publish", args.publish]
     return shlex.join(parts + ["--out", args.out])
@@ -675,7 +681,7 @@ def run(args) -> int:
     res = evaluate(args.pool, args.store, budgets=args.budgets, criteria=args.criteria, eval_dir=args.eval_dir,
                    max_passages=args.max_passages, routing_passages=args.routing_passages, max_len=args.max_len,
                    batch_size=args.batch_size,
-                   domains=args.domain, command=command_line(args), progress=not args.quiet)
+                   domains=args.domain, command=command_line(args), about=args.about or "", progress=not args.quiet)
     write(res, Path(args.out), Path(args.publish) if args.publish else None)
     for t in res.targets:
         print(f"{'met   ' if t.met else 'MISSED'}  {t.name}: {t.value} (goal {t.goal}; {t.by})")
