@@ -34,7 +34,7 @@ from domex.store.pattern import Pattern, check_name
 from domex.store.scores import CRITERIA, PRIMARY, check_criteria, score_all
 
 from .families import adapter_for
-from .observer import LayerSource, observe, observe_streaming
+from .observer import LayerSource, memory_source, observe, observe_streaming
 
 
 @dataclass
@@ -88,8 +88,14 @@ def from_model_dir(model_dir: str | Path) -> Subject:
     )
 
 
+def in_memory(model: torch.nn.Module, tokenizer, fingerprint: str) -> Subject:
+    """A Subject for a model already in memory; `fingerprint` ties its patterns to it (e.g. pool.fingerprint)."""
+    return Subject(fingerprint, tokenizer, model.config, load_model=lambda: model,
+                   layer_source=lambda: memory_source(model), source="the in-memory model")
+
+
 def open_subject(pool_or_model) -> Subject:
-    """A Subject from a Subject, an opened Pool, a pool folder (manifest.json) or an HF model folder."""
+    """A Subject from a Subject (see in_memory), an opened Pool, a pool folder (manifest.json) or an HF model folder."""
     if isinstance(pool_or_model, Subject):
         return pool_or_model
     from .pool import MANIFEST, Pool

@@ -262,3 +262,16 @@ def test_register_killed_at_random_moments_leaves_old_or_new(model_dir, tmp_path
         if version == "new":  # put the old one back so the next kill can interrupt a real replacement
             register(model_dir, store, "d", write_demos(tmp_path / "old.jsonl", old_demos), replace=True, progress=False)
     assert Store.open(store, create=False).names() == ["d"]
+
+
+def test_in_memory_model_full_and_streaming(tmp_path):
+    from domex.runtime.indexer import in_memory
+
+    model = AutoModelForCausalLM.from_pretrained(save_model(tmp_path / "m")).eval()
+    subject = in_memory(model, AutoTokenizer.from_pretrained(TOKENIZER), fingerprint="f" * 64)
+    demos = write_demos(tmp_path / "sql.jsonl", SQL)
+    full = register(subject, tmp_path / "s", "full", demos, criteria="easyep,tcess", progress=False)
+    stream = register(subject, tmp_path / "s", "stream", demos, criteria="easyep,tcess", streaming=True, progress=False)
+    for c in ("easyep", "tcess"):
+        np.testing.assert_allclose(stream.score(c), full.score(c), rtol=1e-6)
+    assert Store.open(tmp_path / "s", create=False).fingerprint() == "f" * 64
