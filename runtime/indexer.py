@@ -37,6 +37,9 @@ from .families import adapter_for
 from .observer import LayerSource, memory_source, observe, observe_streaming
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
 @dataclass
 class Subject:
     """The model a domain is registered for: what identifies it and how to get its weights."""
@@ -50,18 +53,33 @@ class Subject:
     close: Callable[[], None] = lambda: None  # releases what open_subject opened (a pool's lock and files)
 
 
+def load_tokenizer(folder: Path):
+    """The tokenizer saved in a model or pool folder; PoolError saying where it should come from."""
+    from transformers import AutoTokenizer
+
+    hint = "save the tokenizer next to the model's config.json (a pool copies it from there when built)"
+    if not any((Path(folder) / f).is_file() for f in TOKENIZER_FILES):
+        # transformers would build an empty tokenizer from config.json alone, and every demo would be 0 tokens
+        raise PoolError(f"{folder}: no usable tokenizer (none of {', '.join(TOKENIZER_FILES)}); {hint}")
+    try:
+        return AutoTokenizer.from_pretrained(str(folder))
+    except (OSError, ValueError) as e:
+        raise PoolError(f"{folder}: no usable tokenizer ({str(e).splitlines()[0][:160]}); {hint}") from None
+
+
 def from_pool(pool) -> Subject:
     """A Subject read from an expert pool (folder or opened Pool): fingerprint from its manifest."""
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig
 
     from .pool import Pool, load_full_model, open_pool
 
     owned = not isinstance(pool, Pool)
+    tokenizer = load_tokenizer(pool.dir if not owned else Path(pool))
     pool = open_pool(pool)
     config = AutoConfig.for_model(**pool.manifest.config)
     return Subject(
         fingerprint=pool.fingerprint,
-        tokenizer=AutoTokenizer.from_pretrained(str(pool.dir)),
+        tokenizer=tokenizer,
         config=config,
         load_model=lambda: load_full_model(pool).eval(),
         layer_source=lambda: pool_source(pool),
@@ -72,7 +90,7 @@ def from_pool(pool) -> Subject:
 
 def from_model_dir(model_dir: str | Path) -> Subject:
     """A Subject read from an HF checkpoint folder (full mode only: streaming reads a pool)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from .pool import fingerprint
 
@@ -81,7 +99,7 @@ def from_model_dir(model_dir: str | Path) -> Subject:
         raise PoolError(f"{model_dir}: no config.json; give an HF checkpoint folder (--model) or an expert pool (--pool)")
     return Subject(
         fingerprint=fingerprint(model_dir),
-        tokenizer=AutoTokenizer.from_pretrained(str(model_dir)),
+        tokenizer=load_tokenizer(model_dir),
         config=AutoConfig.from_pretrained(str(model_dir)),
         load_model=lambda: AutoModelForCausalLM.from_pretrained(str(model_dir)).eval(),
         source=f"model {model_dir}",

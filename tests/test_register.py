@@ -275,3 +275,13 @@ def test_in_memory_model_full_and_streaming(tmp_path):
     for c in ("easyep", "tcess"):
         np.testing.assert_allclose(stream.score(c), full.score(c), rtol=1e-6)
     assert Store.open(tmp_path / "s", create=False).fingerprint() == "f" * 64
+
+
+def test_model_without_tokenizer_is_refused(tmp_path, capsys):
+    from tiny import tiny_model
+
+    tiny_model("qwen3_moe").save_pretrained(tmp_path / "bare")
+    demos = write_demos(tmp_path / "sql.jsonl", SQL)
+    code, _, err = cli("register", "--model", tmp_path / "bare", "--store", tmp_path / "s", "--domain", "d", demos,
+                       capsys=capsys)
+    assert code == 2 and f"{tmp_path / 'bare'}: no usable tokenizer" in err and "next to the model's config.json" in err
