@@ -232,14 +232,14 @@ def register(pool_or_model, store: Store | str | Path, domain: str, demos, crite
         sequences = tokenize(subject.tokenizer, demos, limit, source)
         embeddings = get_embedder().encode([d.text for d in demos])  # [N, D]
 
-        bar = lambda seqs: tqdm(seqs, desc=f"observe {domain}", unit="demo", disable=not progress)  # noqa: E731
+        bar = lambda items, unit: tqdm(items, desc=f"observe {domain}", unit=unit, disable=not progress)  # noqa: E731
         if streaming:
             layers = subject.layer_source()
-            stats = observe_streaming(layers, sequences, progress=bar)
+            stats = observe_streaming(layers, sequences, progress=lambda it: bar(it, "layer"))
             model = layers.model
         else:
             model = subject.load_model()
-            stats = observe(model, sequences, progress=bar)
+            stats = observe(model, sequences, progress=lambda it: bar(it, "demo"))
         pattern = Pattern(
             name=domain,
             fingerprint=subject.fingerprint,

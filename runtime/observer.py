@@ -238,16 +238,17 @@ def observe_streaming(source: LayerSource, sequences: Iterable[torch.Tensor], pr
     """Streaming mode: push every demo through decoder layer i, then free it and go on (same Stats as full mode).
 
     Peak memory is one decoder layer plus every demo's hidden states [T, H], not the model.
+    `progress` wraps the loop over decoder layers (the slow part).
     """
     model = source.model
     hidden, calls, tokens = [], [], 0
-    for ids in progress(sequences):
+    for ids in sequences:
         h, c = _layer_inputs(model, ids)
         hidden.append(h)
         calls.append(c)
         tokens += int(ids.numel())
     observer = Observer(model)
-    for i in range(len(model.base_model.layers)):
+    for i in progress(range(len(model.base_model.layers))):
         source.load(i)
         layer = model.base_model.layers[i]
         observer.attach(layers=[i])
