@@ -208,7 +208,7 @@ class _Catch(torch.nn.Module):
         self.i, self.calls = i, calls
 
     def forward(self, hidden_states, *args, **kwargs):
-        self.calls[self.i] = (args, kwargs)
+        self.calls[self.i] = (hidden_states, args, kwargs)
         return hidden_states
 
 
@@ -222,15 +222,12 @@ def _layer_inputs(model: torch.nn.Module, ids: torch.Tensor) -> tuple[torch.Tens
     base = model.base_model
     layers = base.layers
     calls: dict = {}
-    first: list = []
-    stubs = torch.nn.ModuleList(_Catch(i, calls) for i in range(len(layers)))
-    stubs[0].register_forward_pre_hook(lambda m, args: first.append(args[0]))
-    base.layers = stubs
+    base.layers = torch.nn.ModuleList(_Catch(i, calls) for i in range(len(layers)))
     try:
-        base(input_ids=ids.reshape(1, -1), use_cache=False)
+        base(input_ids=ids.reshape(1, -1).to(base.get_input_embeddings().weight.device), use_cache=False)
     finally:
         base.layers = layers
-    return first[0], [calls[i] for i in range(len(layers))]
+    return calls[0][0], [calls[i][1:] for i in range(len(layers))]  # stubs pass the embedding through unchanged
 
 
 @torch.no_grad()
