@@ -150,6 +150,7 @@ def training_summary(work: Path) -> tuple[dict, list[dict], dict[str, int]]:
     """Header, step records (wall time made cumulative across --resume segments), token counts."""
     lines = [json.loads(l) for l in open(work / "log.jsonl")]
     head, recs, offset = lines[0], [], 0.0
+    head["first_steps"] = head["config"]["steps"]
     for r in lines[1:]:
         if "resume" in r:  # drop records past the checkpoint it resumed from; re-planned step count
             recs = [x for x in recs if x["step"] <= r["resume"]]
@@ -162,6 +163,17 @@ def training_summary(work: Path) -> tuple[dict, list[dict], dict[str, int]]:
     return head, recs, train_tokens
 
 
+def run_history(head: dict) -> str:
+    """Say how the step plan changed when a run was resumed with another --steps (shared CPU ran slow)."""
+    if not head.get("resumes"):
+        return ""
+    parts = [f"resumed at step {r['resume']} with `--steps {r['steps']}`" for r in head["resumes"]]
+    return (f"\nRun history: started with `--steps {head['first_steps']}`, then " + ", then ".join(parts) +
+            " (checkpoint + `--resume`; warmup unchanged, the cosine re-planned over the new total from"
+            " that step on), because the shared 2-core machine ran 2-4x slower than benchmarked."
+            " A fresh run with the final `--steps` follows a slightly different LR curve.\n")
+
+
 def fmt_table(rows: list[list], header: list[str]) -> str:
     s = "| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n"
     return s + "".join("| " + " | ".join(map(str, r)) + " |\n" for r in rows)
@@ -172,6 +184,7 @@ def main() -> None:
     ap.add_argument("--model", type=Path, default=Path("models/tiny-moe"))
     ap.add_argument("--patterns", type=Path, default=Path("patterns"))
     ap.add_argument("--work", type=Path, default=Path("/work/scratch/train"))
+    ap.add_argument("--passages", type=int, default=None, help="score only the first N per domain (dry runs)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -181,7 +194,7 @@ def main() -> None:
     cfg = model.config
     evals, freq = {}, {}
     for d in tqdm(DOMAINS + ["ood"], desc="eval"):
-        evals[d], freq[d] = measure(model, tok, read_eval(args.patterns, d))
+        evals[d], freq[d] = measure(model, tok, read_eval(args.patterns, d)[:args.passages])
     dom_freq = {d: freq[d] for d in DOMAINS}
     jac = jaccard_per_layer(dom_freq)
     plot_usage(dom_freq, args.model / "expert_usage.png")
@@ -260,8 +273,12 @@ AdamW (betas 0.9/0.95, weight decay {head['config']['weight_decay']} on matrices
 Steps: {last['step']}; tokens seen: {last['tokens']:,}; training wall time: {last['elapsed_s'] / 60:.1f} min
 (2-core machine shared with other jobs). Final train loss {last['train_loss']:.3f}, aux loss {last['aux_loss']:.3f}.
 Full curve: `train_log.jsonl` (one JSON line per {head['config']['log_every']} steps).
+{run_history(head)}
 
-Held-out loss during training (32 passages per domain; {" / ".join(DOMAINS)}):
+Held-out loss during training (first 32 eval passages per domain; {" / ".join(DOMAINS)}). The eval
+splits are loaded when a run (re)starts; c and unix points before step 500 were scored on the earlier
+eval split, before it was cleaned of passages that also occur in training (identical headers and man
+pages installed under two paths), so they read low:
 
 {fmt_table(curve, ["step", "tokens", "train loss", "aux loss", "held-out loss per domain"])}
 ## Held-out quality (all eval passages, first {MAX_LEN} tokens each, bf16 weights run in fp32)
