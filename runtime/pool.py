@@ -572,6 +572,7 @@ def load_skeleton(pool: Pool, device: torch.device | str = "cpu") -> torch.nn.Mo
     their module again on the real device from its config.
     """
     model = meta_model(pool.manifest.config)
+    model.config.output_router_logits = False  # the training-only aux loss needs all experts and breaks padded batches
     experts = {f"{m}.{p.name}" for m in pool.manifest.experts_module for p in pool.manifest.expert_params}
     missing, unexpected = model.load_state_dict(pool.non_expert_state_dict(device), strict=False, assign=True)
     assert not unexpected, unexpected

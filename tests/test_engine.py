@@ -179,3 +179,20 @@ def test_cli_generate(pools, tmp_path, capsys):
     assert cli_main(["generate", "--pool", str(pool_dir), "--mask", str(tmp_path / "mask.json"), "--budget", "2",
                      "the cat"]) == 2
     assert "raise the budget to at least 4" in capsys.readouterr().err
+
+
+def test_padded_batch_generate_with_a_training_config(tmp_path):
+    """A checkpoint saved with output_router_logits=True (as training leaves it) still serves padded batches."""
+    from tiny import tiny_checkpoint
+
+    model_dir = tiny_checkpoint(tmp_path / "model")
+    config = (model_dir / "config.json").read_text().replace('"output_router_logits": false', '"output_router_logits": true')
+    assert '"output_router_logits": true' in config
+    (model_dir / "config.json").write_text(config)
+    build(model_dir, tmp_path / "pool", progress=False)
+    engine = Engine.open(tmp_path / "pool", budget="4")
+    mask = random_mask(6, 4)
+    prompts = ["short", "a much longer prompt than the first"]
+    batched = engine.generate(prompts, mask=mask, chat_template=False, max_new_tokens=5, do_sample=False)
+    assert batched[1] == engine.generate(prompts[1], chat_template=False, max_new_tokens=5, do_sample=False)[0]
+    engine.close()
