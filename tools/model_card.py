@@ -40,15 +40,18 @@ SOURCES = {
     "ood": ("Seeded FASTA records (random protein / DNA sequences with UniProt- and region-style headers); no domain covers it", "generated here; Apache-2.0 like the repo"),
 }
 PROMPTS = {
-    "python": "import os\n\n\ndef ",
-    "c": "#include <stdio.h>\n\nstruct ",
+    "python": "import os\n\n\ndef",
+    "c": "#include <stdio.h>\n\nstruct",
     "math": "Question: Nora buys 4 apples at 3 dollars each. How much does Nora spend?\nSolution:",
     "sql": "CREATE TABLE books (id INTEGER, title TEXT, author TEXT, year INTEGER, pages INTEGER);\n-- Question: How many rows of books have pages below 300?\n",
     "english": "The meaning of life is",
     "german": "Der Mensch ist",
     "spanish": "El amor es",
-    "unix": "NAME\n       grep - ",
+    "unix": "NAME\n       ls - list directory contents\n\nSYNOPSIS\n",
 }
+# greedy decoding loops on prose and code at this size; a repetition penalty keeps the samples
+# readable. Math and sql legitimately repeat numbers and keywords, so they decode plain greedy.
+REPETITION_PENALTY = {"math": 1.0, "sql": 1.0}
 
 
 @dataclass
@@ -141,7 +144,8 @@ def samples(model, tok) -> dict[str, str]:
     out = {}
     for d, p in PROMPTS.items():
         ids = tok(p, return_tensors="pt", add_special_tokens=False).input_ids
-        g = model.generate(ids, max_new_tokens=48, do_sample=False, pad_token_id=tok.pad_token_id)
+        g = model.generate(ids, max_new_tokens=48, do_sample=False, pad_token_id=tok.pad_token_id,
+                           repetition_penalty=REPETITION_PENALTY.get(d, 1.3))
         out[d] = tok.decode(g[0, ids.shape[1]:], skip_special_tokens=False)
     return out
 
@@ -167,11 +171,11 @@ def run_history(head: dict) -> str:
     """Say how the step plan changed when a run was resumed with another --steps (shared CPU ran slow)."""
     if not head.get("resumes"):
         return ""
-    parts = [f"resumed at step {r['resume']} with `--steps {r['steps']}`" for r in head["resumes"]]
+    parts = [f"continued from the step-{r['resume']} checkpoint with `--steps {r['steps']}`" for r in head["resumes"]]
+    notes = " ".join(f"Log note: {r['note']}." for r in head["resumes"] if r.get("note"))
     return (f"\nRun history: started with `--steps {head['first_steps']}`, then " + ", then ".join(parts) +
-            " (checkpoint + `--resume`; warmup unchanged, the cosine re-planned over the new total from"
-            " that step on), because the shared 2-core machine ran 2-4x slower than benchmarked."
-            " A fresh run with the final `--steps` follows a slightly different LR curve.\n")
+            " (`--resume`; warmup unchanged, the cosine re-planned over the new total from that step on)."
+            f" A fresh run with the final `--steps` follows a slightly different LR curve. {notes}\n")
 
 
 def fmt_table(rows: list[list], header: list[str]) -> str:
@@ -276,7 +280,7 @@ Full curve: `train_log.jsonl` (one JSON line per {head['config']['log_every']} s
 {run_history(head)}
 
 Held-out loss during training (first 32 eval passages per domain; {" / ".join(DOMAINS)}). The eval
-splits are loaded when a run (re)starts; c and unix points before step 500 were scored on the earlier
+splits are loaded when a run (re)starts; c and unix points up to step 500 were scored on the earlier
 eval split, before it was cleaned of passages that also occur in training (identical headers and man
 pages installed under two paths), so they read low:
 
@@ -300,7 +304,7 @@ Target: mean < 0.7 — {"met" if np.mean(jac) < 0.7 else "NOT met"}. Heatmap of 
 
 Raw counts per domain, layer and expert: `routing_stats.json`.
 
-## Samples (greedy, 48 new tokens)
+## Samples (greedy, 48 new tokens, repetition penalty 1.3 except math and sql)
 
 """ + "".join(f"**{d}** — prompt `{json.dumps(PROMPTS[d])}`\n\n```\n{PROMPTS[d]}{gen[d]}\n```\n\n" for d in DOMAINS) + f"""
 ## Rebuild
