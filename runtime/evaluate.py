@@ -394,7 +394,7 @@ def evaluate(pool, store, *, budgets=DEFAULT_BUDGETS, criteria=DEFAULT_CRITERIA,
              domains: list[str] | None = None, command: str = "", about: str = "", progress: bool = True) -> Results:
     """Run the quality and routing evaluations of the module docstring; returns the typed results."""
     from .engine import Engine
-    from .match import EmbeddingMatcher, SignatureMatcher
+    from .match import MATCHERS, make_matcher
 
     t0 = time.perf_counter()
     criteria = check_criteria(criteria.split(",") if isinstance(criteria, str) else criteria)
@@ -421,8 +421,7 @@ def evaluate(pool, store, *, budgets=DEFAULT_BUDGETS, criteria=DEFAULT_CRITERIA,
         quality = evaluate_quality(engine, runs, data, progress)
         t2 = time.perf_counter()
         engine.ensure(Mask.full(*next(iter(patterns.values())).shape))
-        routing = [evaluate_routing(EmbeddingMatcher(store), queries, ood),
-                   evaluate_routing(SignatureMatcher(store, engine.model, tok), queries, ood)]
+        routing = [evaluate_routing(make_matcher(kind, store, engine=engine), queries, ood) for kind in MATCHERS]
         t3 = time.perf_counter()
     finally:
         engine.close()

@@ -5,6 +5,8 @@ Two matchers return the same `Match`:
              let them vote (each neighbour adds its cosine similarity to its domain's tally).
   signature  PreMoe's approach: the query's routing histogram in the first MoE layer, compared by
              cosine with each domain's stored histogram (its `frequency` scores of that layer).
+  hybrid     both: the text's cosine with each domain's mean demo embedding plus the routing
+             cosine; out-of-domain decided by the routing view.
 A query is out-of-domain when its similarity is below the store's threshold. The threshold is
 calibrated by leave-one-out over the stored demos (each demo matched against the others) and can
 be overridden. The fallback policy then says which domains' experts serve it.
@@ -27,7 +29,7 @@ from domex.store.index import DemoIndex
 from .routing import route, router_logits
 
 POLICIES = ("nearest", "union", "general", "full")
-MATCHERS = ("embedding", "signature")
+MATCHERS = ("embedding", "signature", "hybrid")
 
 
 @dataclass(frozen=True)
@@ -181,17 +183,58 @@ class SignatureMatcher:
         hist = hist / np.linalg.norm(hist, axis=1, keepdims=True).clip(1e-12)
         return hist @ sig.T  # [Q, n]
 
-    def match_many(self, texts: list[str]) -> list[Match]:
+    def similarities(self, texts: list[str]) -> tuple[list[str], np.ndarray, float]:
+        """(domain names, cosines [Q, n] of each query's histogram with each domain's, threshold)."""
         names, sig, calibrated = self._signatures()
         threshold = self.override if self.override is not None else calibrated
-        out = []
-        for row in self._cosines(self._histograms(texts), sig):
-            order = np.argsort(-row)
-            best, second = order[0], (order[1] if len(order) > 1 else None)
-            margin = float(row[best] - row[second]) if second is not None else 1.0
-            out.append(Match(names[best], float(row[best]), margin, bool(row[best] < threshold), self.name,
-                             names[second] if second is not None else None, threshold))
-        return out
+        return names, self._cosines(self._histograms(texts), sig), threshold
+
+    def match_many(self, texts: list[str]) -> list[Match]:
+        names, sims, threshold = self.similarities(texts)
+        return decide(names, sims, sims, threshold, self.name)
+
+
+class HybridMatcher:
+    """Both views of a query: its text and its routing, each compared with every domain by cosine.
+
+    text: the query's MiniLM embedding against each domain's mean demo embedding (its centroid);
+    routing: the signature matcher's first-layer histogram against each domain's. A domain's score
+    is the sum of the two, so one view breaks the other's near-ties; the query is out-of-domain
+    when its routing similarity to the chosen domain is below the signature threshold, the view
+    that separates unseen kinds of text on the demo model (docs/RESULTS.md).
+    """
+
+    name = "hybrid"
+
+    def __init__(self, store: Store, model: torch.nn.Module, tokenizer, threshold: float | None = None):
+        self.store, self.embedder = store, get_embedder()
+        self.signature = SignatureMatcher(store, model, tokenizer, threshold)
+        self._centroids: tuple[int, dict[str, np.ndarray]] | None = None  # generation, name -> [D]
+
+    def centroids(self, names: list[str]) -> np.ndarray:
+        generation, labels, vecs = self.store.embeddings()  # [N, D]
+        if self._centroids is None or self._centroids[0] != generation:
+            by_name = {n: vecs[[i for i, l in enumerate(labels) if l == n]].mean(axis=0) for n in set(labels)}
+            self._centroids = (generation, {n: v / max(np.linalg.norm(v), 1e-12) for n, v in by_name.items()})
+        return np.stack([self._centroids[1][n] for n in names])  # [n, D]
+
+    def match_many(self, texts: list[str]) -> list[Match]:
+        names, routing, threshold = self.signature.similarities(texts)  # [Q, n]
+        text = self.embedder.encode(texts) @ self.centroids(names).T  # [Q, n]
+        return decide(names, (text + routing) / 2, routing, threshold, self.name)
+
+
+def decide(names: list[str], scores: np.ndarray, ood_sims: np.ndarray, threshold: float, matcher: str) -> list[Match]:
+    """One Match per row of scores [Q, n]: best domain, its score, the margin to the runner-up, and
+    out-of-domain when ood_sims at the best domain is below the threshold."""
+    out = []
+    for row, ood_row in zip(scores, ood_sims):
+        order = np.argsort(-row)
+        best, second = order[0], (order[1] if len(order) > 1 else None)
+        margin = float(row[best] - row[second]) if second is not None else 1.0
+        out.append(Match(names[best], float(row[best]), margin, bool(ood_row[best] < threshold), matcher,
+                         names[second] if second is not None else None, threshold))
+    return out
 
 
 def fallback_domains(match: Match, policy: str, store: Store) -> list[str] | None:
@@ -211,8 +254,9 @@ def make_matcher(kind: str, store: Store, *, engine=None, threshold: float | Non
     """The matcher a server or `domex route` asked for; the signature matcher needs the model (an Engine)."""
     if kind == "embedding":
         return EmbeddingMatcher(store, threshold=threshold)
-    if kind == "signature":
+    if kind in ("signature", "hybrid"):
         if engine is None:
-            raise ConfigError("the signature matcher routes the query through the model's first layers: give --pool")
-        return SignatureMatcher(store, engine.model, engine.tokenizer, threshold=threshold)
+            raise ConfigError(f"the {kind} matcher routes the query through the model's first layers: give --pool")
+        cls = SignatureMatcher if kind == "signature" else HybridMatcher
+        return cls(store, engine.model, engine.tokenizer, threshold=threshold)
     raise ConfigError(f"unknown matcher {kind!r}; matchers: {', '.join(MATCHERS)}")

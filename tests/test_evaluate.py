@@ -76,7 +76,7 @@ def test_every_criterion_budget_and_domain_is_reported(run):
     for r in rows:
         assert 0.0 <= r["accuracy"] <= 1.0 and r["nll"] > 0 and r["experts_used"] <= r["experts_kept"]
         assert r["experts_kept"] == r["experts_per_layer"] * 2  # two MoE layers
-    assert {r["matcher"] for r in res["routing"]} == {"embedding", "signature"}
+    assert {r["matcher"] for r in res["routing"]} == {"embedding", "signature", "hybrid"}
     for r in res["routing"]:
         assert len(r["confusion"]) == 2 and sum(map(sum, r["confusion"])) == sum(map(len, HELD_OUT.values()))
         assert 0.0 <= r["ood_detected"] <= 1.0 and 0.0 <= r["false_alarms"] <= 1.0
