@@ -269,6 +269,7 @@ def add_demo(sub) -> None:
     p.add_argument("--budget", default="50%", help="resident experts per layer (default 50%%)")
     p.add_argument("--tokens", type=int, default=24, help="tokens generated per query")
     p.add_argument("--passages", type=int, default=40, help="held-out passages per domain for the accuracy table")
+    p.add_argument("--matcher", default="hybrid", help="embedding, signature or hybrid (default)")
     p.set_defaults(func=_demo)
 
 

@@ -9,13 +9,11 @@ full model vs each domain's mask, and a PNG of the domains' masks.
 
 from __future__ import annotations
 
-import gzip
 import json
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ROOT / "models" / "tiny-moe"
@@ -33,27 +31,6 @@ QUERIES = [
     ("english", "A friend in need is a friend indeed, said the old sailor"),
     ("python", "class Cache:\n    def __init__(self, size):"),
 ]
-
-
-def held_out(domain: str, eval_dir: Path, limit: int) -> list[str]:
-    path = eval_dir / f"{domain}.jsonl.gz"
-    with gzip.open(path, "rt") as f:
-        return [json.loads(line)["text"] for _, line in zip(range(limit), f)]
-
-
-@torch.no_grad()
-def next_token_accuracy(engine, mask, texts: list[str], max_len: int = 256) -> float:
-    """Share of positions where the argmax of the logits is the next token, over all texts."""
-    tok = engine.tokenizer
-    hits = total = 0
-    for text in texts:
-        ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"][:max_len]])
-        if ids.shape[1] < 2:
-            continue
-        logits = engine.logits(ids, mask=mask)  # [1, T, V]
-        hits += int((logits[0, :-1].argmax(-1) == ids[0, 1:]).sum())
-        total += ids.shape[1] - 1
-    return hits / max(total, 1)
 
 
 def plot_masks(masks: dict, num_experts: int, path: Path) -> None:
@@ -86,9 +63,12 @@ def run(args) -> int:
     from domex.store.db import Store
     from domex.store.errors import PoolError
 
+    from domex.store.mask import Mask
+
     from .engine import Engine
-    from .indexer import register
-    from .match import EmbeddingMatcher
+    from .evaluate import batches, load_split, score_mask
+    from .indexer import context_length, register
+    from .match import make_matcher
     from .pool import MANIFEST, build
     from .serving import MaskBook
 
@@ -111,7 +91,8 @@ def run(args) -> int:
     engine = Engine.open(pool_dir, budget=args.budget)
     manifest = engine.pool.manifest
     masks = MaskBook(store, Budget.parse(args.budget), num_layers=manifest.num_layers, num_experts=manifest.num_experts)
-    matcher = EmbeddingMatcher(store)
+    matcher = make_matcher(args.matcher, store, engine=engine)
+    print(f"{args.matcher} matcher; '?' marks a query it finds out-of-domain (served by the nearest domain)")
     print(f"{'expected':9} {'matched':9} {'sim':>5} {'loaded':>6} {'switch':>8}  generated")
     for expected, prompt in QUERIES:
         match = matcher.match_many([prompt])[0]
@@ -130,17 +111,17 @@ def run(args) -> int:
     print(f"expert reads: {stats.misses} loaded, {stats.hits} already resident, {stats.bytes_read / 2**20:.1f} MiB read\n")
 
     full_engine = Engine.open(pool_dir, budget="100%")
-    from domex.store.mask import Mask
-
     everything = Mask.full(manifest.num_layers, manifest.num_experts)
+    tok = engine.tokenizer
+    context = context_length(engine.model.config, None)
     print(f"held-out next-token accuracy ({args.passages} passages per domain, budget {args.budget}):")
     print(f"{'domain':9} {'full':>6} {'mask':>6} {'kept':>6}")
     domain_masks = {}
     for name in store.names():
-        texts = held_out(name, PACKS / "eval", args.passages)
+        data = batches(load_split(tok, PACKS / "eval", name, args.passages, context), 8, tok.pad_token_id or 0)
         domain_masks[name] = masks.mask([name])
-        full = next_token_accuracy(full_engine, everything, texts)
-        pruned = next_token_accuracy(engine, domain_masks[name], texts)
+        full = score_mask(full_engine, everything, data).accuracy
+        pruned = score_mask(engine, domain_masks[name], data).accuracy
         print(f"{name:9} {full:6.3f} {pruned:6.3f} {pruned / max(full, 1e-9):6.1%}")
     png = work / "demo_masks.png"
     plot_masks(domain_masks, manifest.num_experts, png)
