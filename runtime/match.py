@@ -16,6 +16,7 @@ Legend: Q queries, k neighbours, N demos, D embedding dim, E routed experts.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -127,7 +128,11 @@ def routing_histogram(model: torch.nn.Module, input_ids: torch.Tensor, attention
     router = adapter.router(adapter.moe_blocks(model)[0][1])
     captured = {}
 
+    caller = threading.get_ident()
+
     def hook(module, args):
+        if threading.get_ident() != caller:  # a server generates on another thread with the same model
+            return None
         logits = router_logits(module, args[0], cfg)  # [Q*T, E]
         everything = torch.ones(cfg.num_experts, dtype=torch.bool, device=logits.device)
         captured["ids"] = route(logits, everything, cfg, bias=getattr(module, "e_score_correction_bias", None))[1]

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 
 from domex.runtime.match import EmbeddingMatcher, HybridMatcher, SignatureMatcher, fallback_domains, routing_histogram
 from domex.store.db import Store
@@ -123,3 +124,29 @@ def test_hybrid_adds_text_and_routing_views_and_flags_by_routing(signature_store
         assert m.similarity == pytest.approx(expected[q, best], abs=1e-5)
         assert m.ood == bool(routing[q, best] < threshold)
     assert [m.domain for m in hybrid.match_many(list(QUERIES.values()))] == list(QUERIES)
+
+
+def test_routing_histogram_leaves_other_threads_forward_alone():
+    """The server generates on one thread while matching runs on another, with the same model."""
+    import threading
+
+    model = tiny_model("qwen3_moe", seed=5)
+    ids = tokens(1, batch=1, length=16)
+    with torch.no_grad():
+        expected = model(ids).logits
+    seen, stop = [], threading.Event()
+
+    def generate_forever():
+        while not stop.is_set():
+            with torch.no_grad():
+                seen.append(torch.equal(model(ids).logits, expected))
+
+    worker = threading.Thread(target=generate_forever)
+    worker.start()
+    try:
+        for _ in range(20):
+            routing_histogram(model, tokens(2, batch=2, length=8))
+    finally:
+        stop.set()
+        worker.join()
+    assert seen and all(seen)
