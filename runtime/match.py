@@ -204,9 +204,9 @@ class HybridMatcher:
 
     text: the query's MiniLM embedding against each domain's mean demo embedding (its centroid);
     routing: the signature matcher's first-layer histogram against each domain's. A domain's score
-    is the sum of the two, so one view breaks the other's near-ties; the query is out-of-domain
-    when its routing similarity to the chosen domain is below the signature threshold, the view
-    that separates unseen kinds of text on the demo model (docs/RESULTS.md).
+    is the mean of the two, so one view breaks the other's near-ties; the query is out-of-domain
+    when its routing resembles no domain's (signature threshold), the view that separates unseen
+    kinds of text on the demo model (docs/RESULTS.md).
     """
 
     name = "hybrid"
@@ -231,13 +231,13 @@ class HybridMatcher:
 
 def decide(names: list[str], scores: np.ndarray, ood_sims: np.ndarray, threshold: float, matcher: str) -> list[Match]:
     """One Match per row of scores [Q, n]: best domain, its score, the margin to the runner-up, and
-    out-of-domain when ood_sims at the best domain is below the threshold."""
+    out-of-domain when the query's ood_sims are below the threshold for every domain."""
     out = []
     for row, ood_row in zip(scores, ood_sims):
         order = np.argsort(-row)
         best, second = order[0], (order[1] if len(order) > 1 else None)
         margin = float(row[best] - row[second]) if second is not None else 1.0
-        out.append(Match(names[best], float(row[best]), margin, bool(ood_row[best] < threshold), matcher,
+        out.append(Match(names[best], float(row[best]), margin, bool(ood_row.max() < threshold), matcher,
                          names[second] if second is not None else None, threshold))
     return out
 
