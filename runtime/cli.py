@@ -65,7 +65,7 @@ def add_serve(sub) -> None:
     p.add_argument("--budget", default="50%", help="resident experts per layer: '50%%', '16' or bytes like '2GiB'")
     p.add_argument("--criterion", default="easyep", help="which stored scores pick the experts")
     p.add_argument("--rule", default="uniform", help="uniform (same count per layer) or coverage")
-    p.add_argument("--matcher", default="embedding", help="embedding or signature")
+    p.add_argument("--matcher", default="hybrid", help="hybrid (default: text + routing), embedding (text only) or signature (routing only)")
     p.add_argument("--policy", default="nearest", help="out-of-domain fallback: nearest, union, general or full")
     p.add_argument("--threshold", type=float, help="out-of-domain threshold (default: calibrated on the demos)")
     p.add_argument("--host", default="127.0.0.1")
