@@ -54,7 +54,7 @@ def _route(args) -> int:
     else:
         flag = "  OUT-OF-DOMAIN" if match.ood else ""
         print(f"{match.domain}  similarity={match.similarity:.3f}  margin={match.margin:.3f}  "
-              f"threshold={match.threshold:.3f}  matcher={match.matcher}{flag}")
+              f"ood_similarity={match.ood_similarity:.3f} vs threshold={match.threshold:.3f}  matcher={match.matcher}{flag}")
     return 0
 
 

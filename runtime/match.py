@@ -42,6 +42,7 @@ class Match:
     matcher: str
     runner_up: str | None = None
     threshold: float = 0.0
+    ood_similarity: float = 0.0  # what the threshold is compared with (hybrid: the routing view's best)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -108,7 +109,7 @@ class EmbeddingMatcher:
         for row, lab in zip(sims, labels):
             domain, sim, second, sim2 = vote(row, lab)
             margin = sim - sim2 if second else 1.0
-            out.append(Match(domain, sim, margin, sim < threshold, self.name, second, threshold))
+            out.append(Match(domain, sim, margin, sim < threshold, self.name, second, threshold, sim))
         return out
 
 
@@ -238,7 +239,7 @@ def decide(names: list[str], scores: np.ndarray, ood_sims: np.ndarray, threshold
         best, second = order[0], (order[1] if len(order) > 1 else None)
         margin = float(row[best] - row[second]) if second is not None else 1.0
         out.append(Match(names[best], float(row[best]), margin, bool(ood_row.max() < threshold), matcher,
-                         names[second] if second is not None else None, threshold))
+                         names[second] if second is not None else None, threshold, float(ood_row.max())))
     return out
 
 

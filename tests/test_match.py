@@ -41,7 +41,7 @@ def test_queries_match_and_unrelated_text_is_out_of_domain(store):
     matches = matcher.match_many(list(QUERIES.values()) + [UNRELATED])
     assert [m.domain for m in matches[:3]] == list(QUERIES)
     assert not any(m.ood for m in matches[:3])
-    assert matches[3].ood and matches[3].similarity < matches[3].threshold
+    assert matches[3].ood and matches[3].similarity == matches[3].ood_similarity < matches[3].threshold
     assert all(0 < m.margin <= 1.0 for m in matches[:3])
 
 
@@ -122,7 +122,7 @@ def test_hybrid_adds_text_and_routing_views_and_flags_by_routing(signature_store
         best = int(np.argmax(expected[q]))
         assert m.domain == names[best] and m.matcher == "hybrid"
         assert m.similarity == pytest.approx(expected[q, best], abs=1e-5)
-        assert m.ood == bool(routing[q].max() < threshold)
+        assert m.ood == bool(routing[q].max() < threshold) and m.ood_similarity == pytest.approx(routing[q].max())
     assert [m.domain for m in hybrid.match_many(list(QUERIES.values()))] == list(QUERIES)
 
 
