@@ -8,12 +8,22 @@ DomexError is printed as one line, without a traceback, with exit code 2.
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def lazy(module: str, name: str = "run"):
+    """The function a subcommand runs, imported only when it runs (so `domex --help` stays fast)."""
+
+    def call(args) -> int:
+        return getattr(importlib.import_module(module, __package__), name)(args)
+
+    return call
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,13 +84,7 @@ def add_serve(sub) -> None:
     p.add_argument("--admin-token", help="when set, POST/DELETE /v1/domains need 'Authorization: Bearer TOKEN'")
     p.add_argument("--max-tokens", type=int, default=512, help="largest max_tokens a request may ask for")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20)
-    p.set_defaults(func=_serve)
-
-
-def _serve(args) -> int:
-    from .server import run
-
-    return run(args)
+    p.set_defaults(func=lazy(".server"))
 
 
 ADDERS: list = [add_route, add_serve]
@@ -188,13 +192,7 @@ def add_pool(sub) -> None:
     b.add_argument("model_dir")
     b.add_argument("pool_dir")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
-    b.set_defaults(func=_pool_build)
-
-
-def _pool_build(args) -> int:
-    from .engine import build_pool_main
-
-    return build_pool_main(args)
+    b.set_defaults(func=lazy(".engine", "build_pool_main"))
 
 
 def add_generate(sub) -> None:
@@ -208,16 +206,11 @@ def add_generate(sub) -> None:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--no-chat", action="store_true", help="do not wrap the prompt in the tokenizer's chat template")
     p.add_argument("prompts", nargs="+")
-    p.set_defaults(func=_generate)
-
-
-def _generate(args) -> int:
-    from .engine import generate_main
-
-    return generate_main(args)
+    p.set_defaults(func=lazy(".engine", "generate_main"))
 
 
 ADDERS += [add_pool, add_generate]
+
 
 def add_export(sub) -> None:
     p = sub.add_parser("export", help="write a domain's experts as a compact HF checkpoint (vLLM / SGLang / transformers)")
@@ -229,13 +222,7 @@ def add_export(sub) -> None:
     p.add_argument("--rule", default="uniform", help="uniform (exportable) or coverage (refused: needs one K)")
     p.add_argument("--mask", help="mask JSON (domex mask -o), instead of --store/--domain/--budget")
     p.add_argument("out_dir", help="new folder for the checkpoint")
-    p.set_defaults(func=_export)
-
-
-def _export(args) -> int:
-    from .export import run
-
-    return run(args)
+    p.set_defaults(func=lazy(".export"))
 
 
 def add_gateway(sub) -> None:
@@ -249,13 +236,7 @@ def add_gateway(sub) -> None:
     p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for an upstream response")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8100)
-    p.set_defaults(func=_gateway)
-
-
-def _gateway(args) -> int:
-    from .gateway import run
-
-    return run(args)
+    p.set_defaults(func=lazy(".gateway"))
 
 
 ADDERS += [add_export, add_gateway]
@@ -270,13 +251,7 @@ def add_demo(sub) -> None:
     p.add_argument("--tokens", type=int, default=24, help="tokens generated per query")
     p.add_argument("--passages", type=int, default=40, help="held-out passages per domain for the accuracy table")
     p.add_argument("--matcher", default="hybrid", help="embedding, signature or hybrid (default)")
-    p.set_defaults(func=_demo)
-
-
-def _demo(args) -> int:
-    from .demo import run
-
-    return run(args)
+    p.set_defaults(func=lazy(".demo"))
 
 
 ADDERS += [add_demo]
@@ -300,13 +275,7 @@ def add_eval(sub) -> None:
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice; 1 is fastest on busy shared cores)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--out", required=True, help="folder for results.json, report.md and the PNG plots")
-    p.set_defaults(func=_eval)
-
-
-def _eval(args) -> int:
-    from .evaluate import run
-
-    return run(args)
+    p.set_defaults(func=lazy(".evaluate"))
 
 
 ADDERS += [add_eval]

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from domex.store.atomic import save_figure
+
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ROOT / "models" / "tiny-moe"
 PACKS = ROOT / "patterns"
@@ -53,9 +55,7 @@ def plot_masks(masks: dict, num_experts: int, path: Path) -> None:
     for l in range(1, num_layers):
         ax.axvline(l * num_experts - 0.5, color="tab:red", lw=0.8)
     ax.set_title("Kept routed experts per domain (dark = resident for that domain)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def run(args) -> int:

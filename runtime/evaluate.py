@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from domex.store.atomic import save_figure, write_atomic
 from domex.store.budget import Budget, domain_mask
 from domex.store.db import Store
 from domex.store.errors import ConfigError
@@ -450,15 +451,6 @@ def evaluate(pool, store, *, budgets=DEFAULT_BUDGETS, criteria=DEFAULT_CRITERIA,
 # outputs: results.json, report.md, plots
 
 
-def _savefig(fig, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, path)
-
-
 def plot_accuracy(res: Results, path: Path) -> None:
     """Accuracy vs budget: one panel per domain plus the mean over domains; full model as a line."""
     import matplotlib.pyplot as plt
@@ -489,7 +481,7 @@ def plot_accuracy(res: Results, path: Path) -> None:
         ax.axis("off")
     axes.flat[0].legend(fontsize=7)
     fig.tight_layout()
-    _savefig(fig, path)
+    save_figure(fig, path)
 
 
 def plot_confusion(res: Results, path: Path) -> None:
@@ -511,7 +503,7 @@ def plot_confusion(res: Results, path: Path) -> None:
         ax.set_xlabel("matched domain")
         ax.set_ylabel("true domain")
         ax.set_title(f"{r.matcher} matcher: top-1 {r.accuracy:.1%}")
-    _savefig(fig, path)
+    save_figure(fig, path)
 
 
 def plot_overlap(res: Results, path: Path) -> None:
@@ -529,7 +521,7 @@ def plot_overlap(res: Results, path: Path) -> None:
     ax.set_yticks(range(len(j)), o["labels"])
     ax.set_title(f"Jaccard of {o['criterion']} masks at {o['budget']:.0%}")
     fig.colorbar(im, ax=ax)
-    _savefig(fig, path)
+    save_figure(fig, path)
 
 
 PLOTS = {"accuracy_vs_budget.png": plot_accuracy, "confusion.png": plot_confusion, "mask_overlap.png": plot_overlap}
@@ -638,20 +630,14 @@ def write(res: Results, out: Path, publish: Path | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     for name, draw in PLOTS.items():
         draw(res, out / name)
-    _write_text(out / "results.json", json.dumps(res.to_json(), indent=1))
-    _write_text(out / "report.md", report(res))
+    write_atomic(out / "results.json", json.dumps(res.to_json(), indent=1).encode())
+    write_atomic(out / "report.md", report(res).encode())
     if publish is not None:
         images = publish.parent / "results"
         images.mkdir(parents=True, exist_ok=True)
         for name in PLOTS:
             (images / name).write_bytes((out / name).read_bytes())
-        _write_text(publish, report(res, images="results/"))
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+        write_atomic(publish, report(res, images="results/").encode())
 
 
 def command_line(args) -> str:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from domex.store.atomic import save_figure
 from domex.store.budget import Budget, domain_mask
 from domex.store.db import Store
 from domex.store.demos import Demo, read_demos
@@ -330,8 +330,4 @@ def heatmap(pattern: Pattern, criterion: str, path: str | Path) -> None:
     ax.set_ylabel("MoE layer")
     ax.set_title(f"{pattern.name}: {criterion} scores")
     fig.colorbar(im, ax=ax)
-    path = Path(path)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)

@@ -15,27 +15,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import threading
-from pathlib import Path
 
 import faiss
 import numpy as np
 
+from .atomic import write_atomic
 from .db import Store
 from .errors import EmptyStore, StoreError
 
 INDEX_FILE = "index.faiss"
 LABELS_FILE = "index.json"
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # per-process name: two rebuilders do not collide
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class DemoIndex:
@@ -85,8 +75,8 @@ class DemoIndex:
             index.add(np.ascontiguousarray(vecs, dtype=np.float32))
         data = faiss.serialize_index(index).tobytes()
         meta = {"generation": generation, "labels": labels, "dim": index.d, "sha256": hashlib.sha256(data).hexdigest()}
-        _write_atomic(self.faiss_path, data)  # the hash in index.json ties the pair together
-        _write_atomic(self.json_path, json.dumps(meta).encode())
+        write_atomic(self.faiss_path, data)  # the hash in index.json ties the pair together
+        write_atomic(self.json_path, json.dumps(meta).encode())
         self._index, self.labels, self.generation = index, labels, generation
         self.rebuilds += 1
 

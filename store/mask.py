@@ -7,10 +7,10 @@ budget can change without re-indexing. JSON form: {"num_experts": E, "layers": [
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from .atomic import write_atomic
 from .errors import MaskError
 
 
@@ -89,10 +89,7 @@ class Mask:
         return cls.of(int(data["num_experts"]), data["layers"])
 
     def save(self, path: str | Path) -> None:
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_json()))
-        os.replace(tmp, path)
+        write_atomic(path, json.dumps(self.to_json()).encode())
 
     @classmethod
     def load(cls, path: str | Path) -> "Mask":

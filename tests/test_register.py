@@ -93,6 +93,7 @@ def test_register_scores_equal_observer_on_templated_tokens(model_dir, tmp_path)
     want = observe(model, seqs)
     stored = Store.open(tmp_path / "store", create=False).get("sql")
     np.testing.assert_allclose(stored.score("easyep"), want.easyep_sum.astype(np.float32), rtol=1e-6)
+    assert stored.tokens == pattern.tokens == want.tokens
     np.testing.assert_allclose(stored.score("frequency"), want.count.astype(np.float32))
     assert stored.tokens == want.tokens == sum(len(s) for s in seqs)
     s = stored.settings
