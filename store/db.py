@@ -43,6 +43,37 @@ _OPEN: dict[str, tuple] = {}  # resolved folder -> (pid, env, sub-dbs): one env 
 _OPEN_LOCK = threading.Lock()
 
 
+@dataclasses.dataclass(frozen=True)
+class Snapshot:
+    """Every domain of one store generation, read in one transaction; a request uses one from start to end.
+
+    Immutable and shared: `Store.snapshot()` hands out the same object until the generation changes, so
+    matchers key what they derive (centroids, signatures, thresholds) on `generation`.
+    """
+
+    generation: int
+    patterns: dict[str, Pattern]  # name -> pattern, sorted by name
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.patterns)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.patterns
+
+    def get(self, name: str) -> Pattern:
+        if name not in self.patterns:
+            raise UnknownDomain(f"no domain {name!r} in this store generation ({self.generation}); "
+                                f"registered: {', '.join(self.patterns) or 'none'}")
+        return self.patterns[name]
+
+    def embeddings(self) -> tuple[list[str], np.ndarray]:
+        """(domain label per row, float32 [N_all, D]) of every demo."""
+        labels = [n for n, p in self.patterns.items() for _ in range(len(p.embeddings))]
+        blocks = [p.embeddings for p in self.patterns.values()]
+        return labels, (np.concatenate(blocks) if blocks else np.zeros((0, 0), dtype=np.float32))
+
+
 def _json(obj) -> bytes:
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
 
@@ -54,6 +85,8 @@ class Store:
         self.path = Path(path)
         self.map_size = map_size
         self._dbs: dict[str, object] = {}
+        self._snapshot: Snapshot | None = None
+        self._snapshot_lock = threading.Lock()
 
     @classmethod
     def open(cls, path: str | Path, fingerprint: str | None = None, create: bool = True, map_size: int = DEFAULT_MAP_SIZE) -> "Store":
@@ -208,6 +241,22 @@ class Store:
             return int(self._meta(txn, "generation")), labels, vecs
 
         return self._read(collect)
+
+    def snapshot(self) -> Snapshot:
+        """All domains of the current generation, consistent with each other (one read transaction).
+
+        Re-read only when the generation moved; otherwise the cached immutable snapshot is returned.
+        """
+        with self._snapshot_lock:
+            if self._snapshot is not None and self._snapshot.generation == self.generation():
+                return self._snapshot
+
+            def collect(txn) -> Snapshot:
+                names = [bytes(k).decode() for k in txn.cursor(db=self._dbs["domains"]).iternext(values=False)]
+                return Snapshot(int(self._meta(txn, "generation")), {n: self._get(txn, n) for n in names})
+
+            self._snapshot = self._read(collect)
+            return self._snapshot
 
     # -- writes ------------------------------------------------------------------------------
 

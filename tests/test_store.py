@@ -338,3 +338,20 @@ def test_query_finds_its_domain_through_the_store(tmp_path, embedder):
     queries = ["Bake the cake at 180 degrees for forty minutes.", "How do I read a CSV file with pandas in Python?"]
     _, labels = DemoIndex(store).search(embedder.encode(queries), 3)
     assert [max(set(row), key=row.count) for row in labels] == ["cooking", "code"]
+
+
+def test_snapshot_is_one_generation_and_immutable_under_changes(tmp_path):
+    store = Store.open(tmp_path / "s", fingerprint=FP)
+    store.register(make_pattern("math", 1))
+    store.register(make_pattern("code", 2, n=4))
+    snap = store.snapshot()
+    assert snap is store.snapshot()  # unchanged generation: the same shared object
+    assert snap.names == ["code", "math"] and snap.generation == store.generation()
+    labels, vecs = snap.embeddings()
+    assert labels == ["code"] * 4 + ["math"] * 3 and vecs.shape == (7, DIM)
+    store.delete("math")
+    assert_same(snap.get("math"), make_pattern("math", 1))  # a request holding the old snapshot still reads it
+    fresh = store.snapshot()
+    assert fresh.names == ["code"] and fresh.generation == snap.generation + 1
+    with pytest.raises(UnknownDomain, match="math"):
+        fresh.get("math")
