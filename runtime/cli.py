@@ -83,7 +83,14 @@ def add_serve(sub) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--admin-token", help="when set, POST/DELETE /v1/domains need 'Authorization: Bearer TOKEN'")
     p.add_argument("--max-tokens", type=int, default=512, help="largest max_tokens a request may ask for")
-    p.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body, counted as it arrives")
+    p.add_argument("--max-prompt-tokens", type=int,
+                   help="longest prompt in tokens (default: the model's context minus the request's max_tokens)")
+    p.add_argument("--max-demos", type=int, default=256, help="most demos one POST /v1/domains may register")
+    p.add_argument("--read-only", action="store_true",
+                   help="open the store read-only (nothing written); registering and deleting domains answer 503")
+    p.add_argument("--verify-pool", action="store_true",
+                   help="check every expert's checksum at start (default: files, sizes and manifest only)")
     p.set_defaults(func=lazy(".server"))
 
 
@@ -182,7 +189,23 @@ def _mask(args) -> int:
     return 0
 
 
-ADDERS += [add_register, add_domains, add_mask]
+def add_store(sub) -> None:
+    p = sub.add_parser("store", help="pattern store maintenance")
+    ps = p.add_subparsers(dest="store_command", metavar="STORE_COMMAND", required=True)
+    c = ps.add_parser("compact", help="rewrite the store without the free pages left by deleted and replaced domains")
+    c.add_argument("--store", required=True, help="pattern store folder (no server or registration may have it open)")
+    c.set_defaults(func=_store_compact)
+
+
+def _store_compact(args) -> int:
+    from domex.store.db import compact
+
+    before, after = compact(args.store)
+    print(f"compacted {args.store}: {before} -> {after} bytes")
+    return 0
+
+
+ADDERS += [add_register, add_domains, add_mask, add_store]
 
 
 def add_pool(sub) -> None:

@@ -33,6 +33,8 @@ from starlette.concurrency import run_in_threadpool
 from domex.store.db import Store
 from domex.store.errors import ConfigError, UpstreamUnavailable
 
+from .protocol import error_response, install_error_handlers
+
 PROXIED = ("/v1/completions", "/v1/chat/completions")
 REQUEST_DROPPED = {"host", "accept-encoding"}  # bytes are passed through raw, so ask the upstream for no compression
 HOP_HEADERS = {"content-length", "transfer-encoding", "connection", "keep-alive", "content-encoding", "date", "server"}
@@ -188,10 +190,6 @@ def query_text(path: str, body: dict) -> str:
     return prompt if isinstance(prompt, str) else " ".join(map(str, prompt))
 
 
-def _error(status: int, message: str, kind: str) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind}}, status_code=status)
-
-
 def create_app(gateway: Gateway, store: Store) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -204,6 +202,7 @@ def create_app(gateway: Gateway, store: Store) -> FastAPI:
             await gateway.client.aclose()
 
     app = FastAPI(title="domex gateway", version="0.1.0", lifespan=lifespan)
+    install_error_handlers(app)  # UpstreamUnavailable (503) and every other error in the one shape
 
     async def forward(request: Request, path: str) -> Response:
         raw = await request.body()
@@ -212,16 +211,14 @@ def create_app(gateway: Gateway, store: Store) -> FastAPI:
         except (json.JSONDecodeError, UnicodeDecodeError):
             body = None
         if not isinstance(body, dict):
-            return _error(400, "the request body must be a JSON object (an OpenAI completion or chat request)",
-                          "invalid_request_error")
+            return error_response(400, "the request body must be a JSON object (an OpenAI completion or chat request)",
+                                  "invalid_body")
         try:
             route = await gateway.route(query_text(path, body), body.get("domain"))
             headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_HEADERS | REQUEST_DROPPED}
             return await gateway.proxy(path, raw, headers, route, bool(body.get("stream")))
-        except UpstreamUnavailable as e:
-            return _error(e.http_status, str(e), "upstream_unavailable")
         except httpx.HTTPError as e:
-            return _error(502, f"upstream failed: {type(e).__name__}: {e}", "bad_gateway")
+            return error_response(502, f"upstream failed: {type(e).__name__}: {e}", "bad_gateway")
 
     @app.post("/v1/completions")
     async def completions(request: Request):

@@ -28,7 +28,7 @@ from domex.store.budget import Budget, domain_mask
 from domex.store.db import Store
 from domex.store.demos import Demo, read_demos
 from domex.store.embed import get_embedder
-from domex.store.errors import ConfigError, DemoError, DomainExists, PoolError
+from domex.store.errors import ConfigError, DemoError, DomainExists, FingerprintMismatch, PoolError
 from domex.store.mask import Mask
 from domex.store.pattern import Pattern, check_name
 from domex.store.scores import CRITERIA, PRIMARY, check_criteria, score_all
@@ -199,9 +199,17 @@ def tokenize(tokenizer, demos: list[Demo], limit: int, source: str = "demos") ->
 
 
 def _open_store(store: Store | str | Path, fingerprint: str) -> Store:
-    """The store, refusing one made for another model (the error prints both fingerprints)."""
-    path = store.path if isinstance(store, Store) else Path(store)
-    return Store.open(path, fingerprint=fingerprint)
+    """The store (an opened one as it is, so a server sees its own write errors), refusing one made for
+    another model (the error prints both fingerprints) or opened read-only."""
+    if not isinstance(store, Store):
+        store = Store.open(store, fingerprint=fingerprint)
+    stored = store.fingerprint()
+    if stored is not None and stored != fingerprint:
+        raise FingerprintMismatch(
+            f"store {store.path} was made for the model with fingerprint {stored}, but this model's fingerprint is "
+            f"{fingerprint}; use another --store folder for this model, or re-register its domains there")
+    store.require_writable()
+    return store
 
 
 def register(pool_or_model, store: Store | str | Path, domain: str, demos, criteria=tuple(CRITERIA), replace: bool = False,

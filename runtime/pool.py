@@ -10,7 +10,8 @@
 
 The layer files are valid safetensors (any reader can open them); domex reads one expert with one
 `preadv` straight into its slot buffers. Each expert's bytes carry a crc32 in the manifest, checked
-the first time the expert is read in a process. Building streams one tensor at a time (one expert at
+the first time the expert is read in a process, or all at once by `Pool.verify_checksums()`
+(`domex serve --verify-pool`); opening a pool checks every file's presence, size and fingerprint. Building streams one tensor at a time (one expert at
 a time for per-expert checkpoints), so peak memory stays near the largest single tensor.
 
 Legend: L MoE layers, E routed experts, H hidden, I expert intermediate size.
@@ -335,12 +336,20 @@ def _locked(pool_dir: Path, exclusive: bool) -> Iterator[int]:
 
 
 def meta_model(config: dict) -> torch.nn.Module:
-    """The transformers model of a config, every tensor on the meta device (no memory)."""
+    """The transformers model of a config, every tensor on the meta device (no memory).
+
+    Built with dtype=None: given the config's dtype (e.g. bfloat16), transformers would set torch's
+    process-wide default dtype while building, and a server's other threads would make bf16 tensors
+    meanwhile. The meta tensors come out in the default dtype; real ones get theirs from the pool.
+    """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     cfg = AutoConfig.for_model(**config)
+    dtype = cfg.dtype
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(cfg)
+        model = AutoModelForCausalLM.from_config(cfg, dtype=None)
+    model.config.dtype = dtype
+    return model
 
 
 def _expert_names(model: torch.nn.Module, adapter: Adapter) -> list[tuple[int, str]]:
@@ -498,8 +507,13 @@ class Pool:
                     f"{path}: written for model fingerprint {str(meta.get('domex_fingerprint'))[:12]}..., the manifest is "
                     f"for {m.fingerprint[:12]}...; the pool mixes files of two models, rebuild it with "
                     f"`domex pool build MODEL_DIR {self.dir}`")
+        if len(m.checksums) != m.num_layers or any(len(c) != m.num_experts for c in m.checksums):
+            self.close()
+            raise PoolError(f"{self.dir / MANIFEST}: the checksum table is not {m.num_layers} layers x {m.num_experts} "
+                            f"experts; rebuild the pool with `domex pool build MODEL_DIR {self.dir}`")
         self._fds = [os.open(self.dir / rel, os.O_RDONLY) for rel in m.layer_files]
         self._verified = [[False] * m.num_experts for _ in m.layer_files]  # [L][E]
+        self.corrupt: list[str] = []  # experts whose bytes failed their checksum in this process
 
     @property
     def fingerprint(self) -> str:
@@ -529,11 +543,26 @@ class Pool:
             for b in buffers:
                 crc = zlib.crc32(_as_bytes(b), crc)
             if crc != m.checksums[l][e]:
-                raise PoolError(f"{self.dir / m.layer_files[l]}: MoE layer {l} (decoder layer {m.moe_layers[l]}), "
-                                f"expert {e}: checksum {crc:08x} != manifest {m.checksums[l][e]:08x}; the pool file is "
+                where = f"{self.dir / m.layer_files[l]}: MoE layer {l} (decoder layer {m.moe_layers[l]}), expert {e}"
+                if where not in self.corrupt:
+                    self.corrupt.append(where)
+                raise PoolError(f"{where}: checksum {crc:08x} != manifest {m.checksums[l][e]:08x}; the pool file is "
                                 f"corrupt, rebuild it with `domex pool build MODEL_DIR {self.dir}`")
             self._verified[l][e] = True
         return m.expert_bytes
+
+    def verify_checksums(self) -> list[str]:
+        """Read every expert once and check its crc32; returns the corrupt ones (also kept in `corrupt`)."""
+        m = self.manifest
+        buffers = [t[0] for t in self.expert_buffers(1).values()]
+        for l in range(m.num_layers):
+            for e in range(m.num_experts):
+                if not self._verified[l][e]:
+                    try:
+                        self.read_into(l, e, buffers)
+                    except PoolError:
+                        pass  # recorded in self.corrupt
+        return list(self.corrupt)
 
     def read_expert(self, l: int, e: int) -> dict[str, torch.Tensor]:
         """Expert e of MoE layer l as {param: tensor} in the in-memory per-expert shapes (e.g. gate_up_proj [2I, H])."""
@@ -590,6 +619,12 @@ def load_skeleton(pool: Pool, device: torch.device | str = "cpu") -> torch.nn.Mo
                 module._buffers[b] = fresh._buffers[b]
     left = [n for n, p in model.named_parameters() if p.is_meta and n not in experts]
     assert not left, f"parameters not loaded from the pool: {left[:5]}"
+    for module in pool.manifest.experts_module:  # still on meta: give them the pool's dtypes
+        experts_module = model.get_submodule(module)
+        for p in pool.manifest.expert_params:
+            shape = getattr(experts_module, p.name).shape
+            setattr(experts_module, p.name, torch.nn.Parameter(torch.empty(shape, dtype=dtype_of(p.dtype), device="meta"),
+                                                               requires_grad=False))
     return model.eval()
 
 

@@ -1,16 +1,41 @@
 """OpenAI-compatible request and response bodies for the HTTP server, plus domex's own fields.
 
-Requests are validated here (pydantic), so a malformed body gets a 422/400 that names the field.
-`domain` in a request forces a domain; `domex` in a response reports what the matcher decided.
+Requests are validated here (pydantic), so a malformed body gets a 400 that names the field: text
+must be a valid string, a prompt non-empty (the server refuses a prompt holding lone surrogates). `domain` in a request forces a
+domain; `domex` in a response reports what the matcher decided. Every error, of the server and of
+the gateway, has OpenAI's shape `{"error": {"message", "type", "code"}}` (`error_response`).
 """
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field, field_validator
+
+from domex.store.pattern import check_name
+
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+               405: "invalid_request_error", 409: "invalid_request_error", 413: "invalid_request_error",
+               429: "rate_limit_error", 503: "service_unavailable_error"}
+
+
+def error_body(status: int, message: str, code: str) -> dict:
+    """OpenAI's error object; `type` follows the status, `code` names the case (snake_case)."""
+    kind = ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    return {"error": {"message": message, "type": kind, "code": code}}
+
+
+def error_response(status: int, message: str, code: str) -> JSONResponse:
+    return JSONResponse(error_body(status, message, code), status_code=status)
+
+
+def error_code(exc: Exception) -> str:
+    """snake_case of the exception's class: UnknownDomain -> unknown_domain."""
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", type(exc).__name__).lower()
 
 
 class ChatMessage(BaseModel):
@@ -26,9 +51,14 @@ class SamplingParams(BaseModel):
     domain: str | None = None  # force this domain instead of matching
     model: str | None = None  # accepted for compatibility; one server serves one model
 
+    @field_validator("domain")
+    @classmethod
+    def _domain_name(cls, name: str | None) -> str | None:
+        return None if name is None else check_name(name)
+
 
 class CompletionRequest(SamplingParams):
-    prompt: str
+    prompt: str = Field(min_length=1)
 
 
 class ChatCompletionRequest(SamplingParams):
@@ -43,9 +73,11 @@ class ChatCompletionRequest(SamplingParams):
 class DomainRequest(BaseModel):
     """POST /v1/domains: register a domain from demos while serving."""
 
-    name: str = Field(min_length=1, max_length=64)
+    name: str
     demos: list[dict] = Field(min_length=1)
     replace: bool = False
+
+    _name = field_validator("name")(check_name)
 
 
 def new_id(prefix: str) -> str:
@@ -66,3 +98,48 @@ def completion_body(rid: str, model: str, text: str, finish: str | None, domex: 
     if usage is not None:
         body["usage"] = usage
     return body
+
+
+def invalid_request_message(errors) -> str:
+    """pydantic's errors as one line: 'field.sub: what is wrong; ...'."""
+    return "invalid request: " + "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in errors)
+
+
+HTTP_CODES = {400: "invalid_body", 404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+
+
+def error_shape(exc: Exception) -> tuple[int, str, str]:
+    """(status, message, code) of any exception; an unexpected one says only its type (details go to the log)."""
+    from fastapi.exceptions import RequestValidationError
+    from starlette.exceptions import HTTPException
+
+    from domex.store.errors import DomexError
+
+    if isinstance(exc, DomexError):
+        return exc.http_status, str(exc), error_code(exc)
+    if isinstance(exc, RequestValidationError):
+        return 400, invalid_request_message(exc.errors()), "invalid_request"
+    if isinstance(exc, HTTPException):
+        return exc.status_code, str(exc.detail), HTTP_CODES.get(exc.status_code, f"http_{exc.status_code}")
+    return 500, f"internal error ({type(exc).__name__}); the server log has the details", "internal_error"
+
+
+def install_error_handlers(app, rewrite=lambda message: message, record=None) -> None:
+    """Every error reply of `app` in the one shape: DomexError, validation, routing (404/405), body, unexpected.
+
+    rewrite(message) edits messages (the server takes absolute paths out); record(request, status) is
+    told of every error reply (the server's metrics).
+    """
+    from fastapi.exceptions import RequestValidationError
+    from starlette.exceptions import HTTPException
+
+    from domex.store.errors import DomexError
+
+    async def handle(request, exc: Exception):
+        status, message, code = error_shape(exc)
+        if record is not None:
+            record(request, status)
+        return error_response(status, rewrite(message), code)
+
+    for kind in (DomexError, RequestValidationError, HTTPException, Exception):
+        app.add_exception_handler(kind, handle)

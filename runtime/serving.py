@@ -5,6 +5,10 @@ a batch that mixes masks with their union when the union fits the slots of every
 otherwise the groups one after the other. Every batch is one `generate` call with its own KV
 cache, so a cache never outlives the expert set it was computed with. Tokens stream to each
 request as they are decoded; a cancelled request (client gone) stops its row at the next step.
+
+Isolation: prompts arrive tokenised and checked (the route does it, so a prompt that cannot be
+tokenised fails alone); when a batch's generate raises, its rows that have not streamed anything
+yet are run again one by one, so only the row that fails by itself gets the error.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from domex.store.budget import Budget, domain_mask
-from domex.store.db import Store
+from domex.store.db import Snapshot, Store
 from domex.store.mask import Mask
 
 from .match import Match
@@ -30,8 +34,7 @@ from .match import Match
 class Job:
     """One request on its way through the worker; `emit(text)` streams, `finish(reason, usage)` ends it."""
 
-    prompt: str
-    special_tokens: bool  # False when the prompt went through the chat template (it holds its own markers)
+    ids: list[int]  # the prompt's token ids [T]
     max_tokens: int
     temperature: float
     top_p: float
@@ -45,27 +48,31 @@ class Job:
 
 
 class MaskBook:
-    """Masks for sets of domains under one budget, cached until the store changes."""
+    """Masks for sets of domains under one budget, built from a store snapshot and cached per generation."""
 
     def __init__(self, store: Store, budget: Budget, *, num_layers: int, num_experts: int, criterion: str = "easyep",
                  rule: str = "uniform"):
         self.store, self.budget, self.criterion, self.rule = store, budget, criterion, rule
         self.num_layers, self.num_experts = num_layers, num_experts
-        self._cache: dict[tuple, Mask] = {}
-        self._generation = -1
+        self._cache: dict[tuple, Mask] = {}  # (generation, sorted domains) -> mask; only the newest generation kept
+        self._lock = threading.Lock()
 
-    def mask(self, domains: list[str] | None) -> Mask:
-        """None means every expert (the `full` policy)."""
-        generation = self.store.generation()
-        if generation != self._generation:
-            self._cache, self._generation = {}, generation
-        key = tuple(sorted(domains)) if domains is not None else None
-        if key not in self._cache:
-            if key is None:
-                self._cache[key] = Mask.full(self.num_layers, self.num_experts)
-            else:
-                self._cache[key] = domain_mask([self.store.get(d) for d in key], self.budget, self.criterion, self.rule)
-        return self._cache[key]
+    def mask(self, domains: list[str] | None, snapshot: Snapshot | None = None) -> Mask:
+        """The mask of `domains` in `snapshot` (default: the store's current one); None means every expert."""
+        if domains is None:
+            return Mask.full(self.num_layers, self.num_experts)
+        snapshot = snapshot or self.store.snapshot()
+        key = (snapshot.generation, tuple(sorted(domains)))
+        with self._lock:
+            if key in self._cache:
+                return self._cache[key]
+        mask = domain_mask([snapshot.get(d) for d in key[1]], self.budget, self.criterion, self.rule)
+        with self._lock:
+            newest = max([g for g, _ in self._cache] + [key[0]])
+            self._cache = {k: m for k, m in self._cache.items() if k[0] == newest}
+            if key[0] == newest:
+                self._cache[key] = mask
+        return mask
 
 
 class _RowStreamer(BaseStreamer):
@@ -164,25 +171,35 @@ class Scheduler:
                     self._run(mask, run)
 
     def _run(self, mask: Mask, jobs: list[Job]) -> None:
+        """Generate one batch; on an error, rows that streamed nothing yet are retried alone (isolation)."""
+        streamer = _RowStreamer(self.engine.tokenizer, jobs)
         try:
-            report = self.engine.ensure(mask)
-            if self.on_batch:
-                self.on_batch(jobs, report)
-            tok = self.engine.tokenizer
-            streamer = _RowStreamer(tok, jobs)
-            ids, attention = left_pad([tok(j.prompt, add_special_tokens=j.special_tokens)["input_ids"] for j in jobs],
-                                      tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
-            sample = jobs[0].temperature > 0
-            self.engine.generate(ids, attention_mask=attention, max_new_tokens=max(j.max_tokens for j in jobs),
-                                 do_sample=sample, temperature=jobs[0].temperature if sample else None,
-                                 top_p=jobs[0].top_p if sample else None, streamer=streamer,
-                                 stopping_criteria=StoppingCriteriaList([_RowStop(streamer)]),
-                                 pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+            self._generate(mask, jobs, streamer)
+        except Exception as e:  # the worker lives on for the next batch
+            if len(jobs) == 1:
+                jobs[0].fail(e)
+                return
             for row, job in enumerate(jobs):
-                n = len(streamer.ids[row])
-                reason = "length" if n >= job.max_tokens else "stop"
-                prompt_tokens = int(attention[row].sum())
-                job.finish(reason, {"prompt_tokens": prompt_tokens, "completion_tokens": n, "total_tokens": prompt_tokens + n})
-        except Exception as e:  # the request gets the error; the worker lives on for the next batch
-            for job in jobs:
-                job.fail(e)
+                if streamer.ids[row]:  # its client has text already: a rerun would send it twice
+                    job.fail(e)
+                else:
+                    self._run(mask, [job])
+            return
+        for row, job in enumerate(jobs):
+            n = len(streamer.ids[row])
+            reason = "length" if n >= job.max_tokens else "stop"
+            prompt_tokens = len(job.ids)
+            job.finish(reason, {"prompt_tokens": prompt_tokens, "completion_tokens": n, "total_tokens": prompt_tokens + n})
+
+    def _generate(self, mask: Mask, jobs: list[Job], streamer: _RowStreamer) -> None:
+        report = self.engine.ensure(mask)
+        if self.on_batch:
+            self.on_batch(jobs, report)
+        tok = self.engine.tokenizer
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        ids, attention = left_pad([j.ids for j in jobs], pad)
+        sample = jobs[0].temperature > 0
+        self.engine.generate(ids, attention_mask=attention, max_new_tokens=max(j.max_tokens for j in jobs),
+                             do_sample=sample, temperature=jobs[0].temperature if sample else None,
+                             top_p=jobs[0].top_p if sample else None, streamer=streamer,
+                             stopping_criteria=StoppingCriteriaList([_RowStop(streamer)]), pad_token_id=pad)

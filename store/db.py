@@ -14,6 +14,9 @@ Every change is one write transaction and bumps `generation`, so a crash leaves 
 the new domain, and anything derived (the FAISS index) knows when it is stale. Every read is its
 own short transaction: a server sees a domain registered by another process on its next call.
 The environment is opened lazily per process (an LMDB handle must not cross a fork).
+A store opened read-only (`read_only=True`, `domex serve --read-only`) writes nothing, not even on
+open; every write on it, and every write LMDB refuses (permissions, full disk), is StoreUnwritable.
+`compact()` rewrites the file without its free pages, refusing while another process has it open.
 
 A writer killed inside its commit may leave its transaction on disk but not yet announced in the
 lock file; processes that kept the store open then read the previous version (whole) until the
@@ -23,8 +26,10 @@ next write transaction anywhere takes the lock and adopts the newer one (whole a
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import os
+import tempfile
 import threading
 from pathlib import Path
 from typing import Callable
@@ -32,14 +37,14 @@ from typing import Callable
 import lmdb
 import numpy as np
 
-from .errors import DomainExists, FingerprintMismatch, StoreError, UnknownDomain
+from .errors import DomainExists, FingerprintMismatch, StoreError, StoreUnwritable, UnknownDomain
 from .pattern import Pattern, check_name, decode_array, encode_array, now
 
 SCHEMA_VERSION = 1
 DEFAULT_MAP_SIZE = 1 << 30  # 1 GiB of address space; the file grows only with the data
 _SUBDBS = ("meta", "domains", "scores", "demos", "embeddings")
 _MAX_GROWTHS = 16
-_OPEN: dict[str, tuple] = {}  # resolved folder -> (pid, env, sub-dbs): one env per process and folder
+_OPEN: dict[str, tuple] = {}  # resolved folder -> (pid, env, sub-dbs, read_only): one env per process and folder
 _OPEN_LOCK = threading.Lock()
 
 
@@ -81,27 +86,33 @@ def _json(obj) -> bytes:
 class Store:
     """Patterns of one model, in one LMDB folder; open with Store.open()."""
 
-    def __init__(self, path: Path, map_size: int = DEFAULT_MAP_SIZE):
+    def __init__(self, path: Path, map_size: int = DEFAULT_MAP_SIZE, read_only: bool = False):
         self.path = Path(path)
         self.map_size = map_size
+        self.read_only = read_only
+        self.write_error: str | None = None  # the last write LMDB refused, until a write succeeds
         self._dbs: dict[str, object] = {}
         self._snapshot: Snapshot | None = None
         self._snapshot_lock = threading.Lock()
 
     @classmethod
-    def open(cls, path: str | Path, fingerprint: str | None = None, create: bool = True, map_size: int = DEFAULT_MAP_SIZE) -> "Store":
-        """Open (or create) the store at `path`; FingerprintMismatch if it belongs to another model."""
+    def open(cls, path: str | Path, fingerprint: str | None = None, create: bool = True, map_size: int = DEFAULT_MAP_SIZE,
+             read_only: bool = False) -> "Store":
+        """Open (or create) the store at `path`; FingerprintMismatch if it belongs to another model.
+
+        read_only: LMDB opened read-only, nothing written (a store on a read-only volume or owned by another user).
+        """
         path = Path(path)
-        if not create and not (path / "data.mdb").is_file():
+        if (not create or read_only) and not (path / "data.mdb").is_file():
             raise StoreError(f"no pattern store at {path}; register a domain first (it creates the store) or pass the right --store")
-        store = cls(path, map_size)
+        store = cls(path, map_size, read_only)
         stored = store.fingerprint()
         if fingerprint is not None and stored is not None and stored != fingerprint:
             raise FingerprintMismatch(
                 f"store {path} was made for the model with fingerprint {stored}, but this model's fingerprint is "
                 f"{fingerprint}; use another --store folder for this model, or re-register its domains there"
             )
-        if fingerprint is not None and stored is None:
+        if fingerprint is not None and stored is None and not read_only:
             store._write(lambda txn: store._claim(txn, fingerprint))
         return store
 
@@ -120,18 +131,32 @@ class Store:
                         # open while it is open. Closing is safe: with no cached read txns it frees
                         # only this process's reader slots and mappings, never the parent's
                         opened[1].close()
-                    opened = _OPEN[key] = (os.getpid(), *self._open_env())
+                    opened = _OPEN[key] = (os.getpid(), *self._open_env(), self.read_only)
+        if opened[3] != self.read_only:
+            raise StoreError(f"store {self.path} is open {'read-only' if opened[3] else 'for writing'} in this process "
+                             "already; open every Store on one folder in the same mode")
         self._dbs = opened[2]
         return opened[1]
 
     def _open_env(self) -> tuple[lmdb.Environment, dict]:
-        self.path.mkdir(parents=True, exist_ok=True)
+        if not self.read_only:
+            self.path.mkdir(parents=True, exist_ok=True)
         try:
-            env = lmdb.open(str(self.path), map_size=self.map_size, max_dbs=len(_SUBDBS), max_spare_txns=0)
+            env = lmdb.open(str(self.path), map_size=self.map_size, max_dbs=len(_SUBDBS), max_spare_txns=0,
+                            readonly=self.read_only, create=not self.read_only)
         except lmdb.Error as e:
-            raise StoreError(f"cannot open the pattern store at {self.path}: {e}; check the folder and its permissions") from None
+            hint = "" if self.read_only else " (a store you may only read: serve it with --read-only)"
+            raise StoreError(f"cannot open the pattern store at {self.path}: {e}; check the folder and its permissions{hint}") from None
         env.reader_check()  # free reader slots of processes that died (a killed server)
-        dbs = {name: env.open_db(name.encode()) for name in _SUBDBS}
+        dbs = {name: env.open_db(name.encode(), create=not self.read_only) for name in _SUBDBS}
+        if self.read_only:
+            with env.begin() as txn:
+                version = txn.get(b"schema_version", db=dbs["meta"])
+            if version is None or int(version) != SCHEMA_VERSION:
+                env.close()
+                raise StoreError(f"store {self.path} has schema version {version and int(version)}, this domex reads "
+                                 f"{SCHEMA_VERSION}; re-register the domains into a new --store folder")
+            return env, dbs
         # a write txn even for a reader: it creates meta on first use, and taking the write lock
         # adopts a commit that a killed writer left unannounced
         with env.begin(write=True) as txn:
@@ -159,17 +184,43 @@ class Store:
         raise StoreError(f"store {self.path}: the map kept changing size while reading; retry")
 
     def _write(self, fn: Callable):
-        """fn(txn) in exactly one committed write transaction; a full map is grown and fn re-run."""
+        """fn(txn) in exactly one committed write transaction; a full map is grown and fn re-run.
+
+        StoreUnwritable when the store is read-only or LMDB refuses the write; the reason stays in
+        `write_error` (for /health) until a write succeeds.
+        """
+        self.require_writable()
         for _ in range(_MAX_GROWTHS):
             env = self._env()
             try:
                 with env.begin(write=True) as txn:
-                    return fn(txn)
+                    result = fn(txn)
+                self.write_error = None
+                return result
             except lmdb.MapFullError:  # the aborted txn left nothing behind: grow and redo it
                 env.set_mapsize(env.info()["map_size"] * 2)
             except lmdb.MapResizedError:
                 env.set_mapsize(0)
-        raise StoreError(f"store {self.path}: could not grow the LMDB map enough for this write; check free disk space")
+            except lmdb.Error as e:
+                self.write_error = f"store {self.path}: write failed ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
+                raise StoreUnwritable(f"{self.write_error}; check the folder's permissions and free disk space") from None
+        self.write_error = f"store {self.path}: the LMDB map could not grow enough for a write"
+        raise StoreUnwritable(f"{self.write_error}; check free disk space")
+
+    def require_writable(self) -> None:
+        """StoreUnwritable when the store was opened read-only: checked before any costly work for a write."""
+        if self.read_only:
+            raise StoreUnwritable(f"store {self.path} is open read-only (--read-only); registering and deleting "
+                                  "domains are off here, use a server or command that opens the store for writing")
+
+    def write_problem(self) -> str | None:
+        """Why a write would fail now (None when it would not, or when the store is read-only on purpose)."""
+        if self.read_only:
+            return None
+        if self.write_error:
+            return self.write_error
+        unwritable = [p for p in (self.path, self.path / "data.mdb") if not os.access(p, os.W_OK)]
+        return f"store {unwritable[0]} is not writable" if unwritable else None
 
     def close(self) -> None:
         """Close this process's environment for the folder (every Store on it reopens on next use)."""
@@ -332,3 +383,37 @@ class Store:
             return self._bump(txn)
 
         return self._write(drop)
+
+
+def compact(path: str | Path) -> tuple[int, int]:
+    """Rewrite the store at `path` without its free pages; returns (bytes before, bytes after).
+
+    LMDB never shrinks its file: deleted and replaced domains leave free pages. The copy is made
+    next to the store and renamed over data.mdb (one atomic step). Every process that opens an LMDB
+    environment holds a shared lock on lock.mdb, so an exclusive lock we can take proves nobody
+    has the store open; we hold it until the new file is in place (an opener meanwhile waits).
+    """
+    path = Path(path)
+    data, lock = path / "data.mdb", path / "lock.mdb"
+    if not data.is_file():
+        raise StoreError(f"no pattern store at {path}; pass the right --store")
+    if str(path.resolve()) in _OPEN:
+        raise StoreError(f"store {path} is open in this process; close it (Store.close()) before compacting")
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, 0)
+        except OSError:
+            raise StoreError(f"store {path} is open in another process (a server or a registration); stop it, "
+                             "then compact") from None
+        before = data.stat().st_size
+        with tempfile.TemporaryDirectory(dir=path, prefix=".compact-") as tmp:
+            env = lmdb.open(str(path), max_dbs=len(_SUBDBS), readonly=True, lock=False)
+            try:
+                env.copy(tmp, compact=True)
+            finally:
+                env.close()
+            os.replace(Path(tmp) / "data.mdb", data)
+        return before, data.stat().st_size
+    finally:
+        os.close(fd)  # releases the lock

@@ -100,3 +100,31 @@ class UpstreamUnavailable(DomexError):
     """The gateway has no healthy upstream server for a request."""
 
     http_status = 503
+
+
+class InvalidName(StoreError, ValueError):
+    """A domain name outside the allowed alphabet (it would break keys, headers or file names)."""
+
+    http_status = 400
+
+
+class StoreUnwritable(StoreError):
+    """The store cannot take a write now: opened read-only, or the write itself failed (disk, permissions)."""
+
+    http_status = 503
+
+
+class BadRequest(DomexError, ValueError):
+    """A request the server cannot serve as sent: empty or malformed text, a prompt longer than allowed."""
+
+    http_status = 400
+
+
+class PromptTooLong(BadRequest):
+    """A prompt with more tokens than the model's context leaves room for (or --max-prompt-tokens)."""
+
+
+class Unauthorized(DomexError):
+    """An admin endpoint called without the right bearer token."""
+
+    http_status = 401

@@ -19,12 +19,12 @@ from datetime import datetime, timezone
 
 import numpy as np
 
-from .errors import ScoreError, StoreError
+from .errors import InvalidName, ScoreError, StoreError
 
 _DTYPES = {"<f4": np.dtype("<f4"), "<f8": np.dtype("<f8"), "<i8": np.dtype("<i8")}
 _HEADER = struct.Struct("<I")
 _MAX_HEADER = 4096
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")  # used with fullmatch: "$" would let "ok\n" through
 
 
 def encode_array(array: np.ndarray) -> bytes:
@@ -67,8 +67,9 @@ def now() -> str:
 
 
 def check_name(name: str) -> str:
-    if not isinstance(name, str) or not NAME.match(name):
-        raise StoreError(
+    """The name itself when it may key the store and travel in a header; InvalidName otherwise."""
+    if not isinstance(name, str) or not NAME.fullmatch(name):
+        raise InvalidName(
             f"domain name {name!r} is not allowed; use 1-128 letters, digits, '_', '.' or '-', starting with a letter or digit"
         )
     return name

@@ -355,3 +355,40 @@ def test_snapshot_is_one_generation_and_immutable_under_changes(tmp_path):
     assert fresh.names == ["code"] and fresh.generation == snap.generation + 1
     with pytest.raises(UnknownDomain, match="math"):
         fresh.get("math")
+
+
+# -- compaction (issue 12) ------------------------------------------------------------------------
+
+HOLDER = """
+import sys, time
+from domex.store.db import Store
+Store.open(sys.argv[1]).names()
+print("open", flush=True)
+time.sleep(60)
+"""
+
+
+def test_compact_shrinks_keeps_every_domain_and_refuses_an_open_store(tmp_path):
+    from domex.runtime.cli import main
+
+    store = Store.open(tmp_path / "s")
+    for i in range(6):
+        store.register(make_pattern(f"d{i}", seed=i, n=40))
+    for i in range(5):
+        store.delete(f"d{i}")
+    kept = store.snapshot()
+    store.close()
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path / "s")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "open"
+        assert main(["store", "compact", "--store", str(tmp_path / "s")]) == 2  # refused: another process has it open
+    finally:
+        holder.kill()
+        holder.wait()
+    size = (tmp_path / "s" / "data.mdb").stat().st_size
+    assert main(["store", "compact", "--store", str(tmp_path / "s")]) == 0
+    assert (tmp_path / "s" / "data.mdb").stat().st_size < size
+    again = Store.open(tmp_path / "s", create=False).snapshot()
+    assert again.generation == kept.generation and again.names == ["d5"]
+    np.testing.assert_array_equal(again.get("d5").embeddings, kept.get("d5").embeddings)
+    assert again.get("d5").record() == kept.get("d5").record()
