@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -326,3 +327,17 @@ def test_a_corrupt_pool_is_reported_and_its_errors_counted(world):
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+# -- the chaos tool's short form ---------------------------------------------------------------
+
+
+def test_chaos_short_form_meets_the_goals(tmp_path):
+    tool = [sys.executable, "tools/chaos_serve.py", "--short", "--work", str(tmp_path / "chaos")]
+    done = subprocess.run(tool, capture_output=True, text=True, timeout=600, cwd=Path(__file__).parent.parent)
+    result = json.loads(done.stdout)
+    assert done.returncode == 0 and result["goals_met"], done.stdout[-3000:]
+    assert result["requests"]["failed"] == result["requests"]["lost"] == 0 and result["requests"]["ok"] > 0
+    assert result["bad_inputs"]["answered_4xx"] == result["bad_inputs"]["sent"] >= 22
+    assert result["store_consistent"] == {**result["store_consistent"], "checks": 1, "ok": 1}
+    assert result["metrics"]["exact"] == result["metrics"]["epochs"] == 2
