@@ -299,7 +299,7 @@ def test_a_read_only_store_writes_nothing(world, tmp_path):
     store.close()
 
 
-# -- 8, 9, 10: a corrupt pool is found at start, reported by /health, and its errors are counted --
+# -- 8, 9, 10: a corrupt pool is found at start, reported by /health; its errors and matching's are counted --
 
 
 def test_a_corrupt_pool_is_reported_and_its_errors_counted(world):
@@ -311,8 +311,10 @@ def test_a_corrupt_pool_is_reported_and_its_errors_counted(world):
     for e in range(manifest.num_experts):  # every expert of the first MoE layer
         data[manifest.offset(0, e)] ^= 0xFF
     layer.write_bytes(bytes(data))
+    store = world / "bad-pool-store"
+    shutil.copytree(world / "store", store)
     port = free_port()
-    proc = start_server(pool, world / "store", port, "--verify-pool")
+    proc = start_server(pool, store, port, "--verify-pool")
     url = f"http://127.0.0.1:{port}"
     try:
         health = httpx.get(f"{url}/health", timeout=30).json()
@@ -324,6 +326,10 @@ def test_a_corrupt_pool_is_reported_and_its_errors_counted(world):
         assert events[-1] == "[DONE]" and "checksum" in json.loads(events[0])["error"]["message"]
         assert metric(url, "domex_requests_total", endpoint="completions", status="error") == 2
         assert metric(url, "domex_requests_total", endpoint="completions", status="ok") == 0
+        for name in ("cooking", "python"):  # an empty store: matching itself fails, and is counted
+            assert httpx.delete(f"{url}/v1/domains/{name}", headers=ADMIN, timeout=30).status_code == 200
+        assert complete(url, prompt=QUERIES["cooking"]).status_code >= 400
+        assert metric(url, "domex_match_errors_total") == 1
     finally:
         proc.terminate()
         proc.wait(timeout=20)

@@ -252,7 +252,9 @@ async def epoch(url, prompts, n, concurrency, rng, tally) -> Counter:
         async with gate:
             await coro
 
-    async with httpx.AsyncClient(timeout=300) as client:
+    # a fresh connection per request: a reused keep-alive connection that the server closes as idle at
+    # the moment it is reused fails in the client before the server sees a request, and would read as lost
+    async with httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_keepalive_connections=0)) as client:
         churner = asyncio.create_task(churn(client, url, stop, tally))
         tasks = []
         for i in range(n):
