@@ -15,6 +15,7 @@ or the pool failed verification. Binds 127.0.0.1 by default.
 from __future__ import annotations
 
 import asyncio
+import copy
 import hmac
 import json
 import logging
@@ -142,6 +143,9 @@ def create_app(state: ServerState) -> FastAPI:
         state.metrics.resident.set(state.engine.stats().resident_bytes)
 
     scheduler = Scheduler(state.engine, on_batch=on_batch)
+    # prompts are tokenised on request threads with a tokenizer of their own: a fast tokenizer's padding and
+    # truncation are state of the object, and the signature matcher pads and truncates with the engine's
+    tokenizer = copy.deepcopy(state.engine.tokenizer)
     app.state.domex = state
     app.add_middleware(BodyLimit, limit=state.max_body_bytes)
 
@@ -185,7 +189,7 @@ def create_app(state: ServerState) -> FastAPI:
         except UnicodeEncodeError as e:  # JSON can carry lone surrogates ("\ud800"); a tokenizer cannot take them
             raise BadRequest(f"the prompt holds a lone surrogate {prompt[e.start]!r} at character {e.start}; "
                              "send valid Unicode") from None
-        ids = list(state.engine.tokenizer(prompt, add_special_tokens=special_tokens)["input_ids"])
+        ids = list(tokenizer(prompt, add_special_tokens=special_tokens)["input_ids"])
         if not ids:
             raise BadRequest("the prompt is empty (it tokenises to no tokens); send some text")
         context = int(getattr(state.engine.model.config, "max_position_embeddings", 0) or 0)
@@ -274,7 +278,7 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request, body: ChatCompletionRequest):
-        prompt = chat_prompt(state.engine.tokenizer, [m.model_dump() for m in body.messages])
+        prompt = chat_prompt(tokenizer, [m.model_dump() for m in body.messages])
         return await complete(request, body, prompt, body.query_text(), chat=True, endpoint="chat")
 
     @app.get("/v1/domains")
