@@ -273,9 +273,9 @@ def main() -> int:
     result["machine"] = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                          "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
                          "loadavg_before_matching": load}
-    rows = [("match p50 (single query)", f"{result['match_p50_ms']:.1f} ms",
+    rows = [("match p50 (one passage)", f"{result['match_p50_ms']:.1f} ms",
              f"target <= 5 ms; PyTorch embedder {result['match_p50_ms_slow']:.1f} ms"),
-            ("match p99 (single query)", f"{result['match_p99_ms']:.1f} ms", "target <= 15 ms"),
+            ("match p99 (one passage)", f"{result['match_p99_ms']:.1f} ms", "target <= 15 ms; passages ~115 tokens, queries ~18"),
             ("match, batches of 64", f"{result['match_qps_batched']:.0f} q/s", "target >= 1000 q/s"),
             ("match, same domain as PyTorch", f"{result['match_agreement_slow']:.1%}", "of held-out passages"),
             ("embed p50 (user query)", f"{result['embed_p50_ms']:.1f} ms",
