@@ -61,6 +61,7 @@ def server(world):
 
 
 JSON = {"content-type": "application/json"}
+FRESH = httpx.Limits(max_keepalive_connections=0)  # no reuse of a keep-alive connection the server is closing as idle
 
 
 def complete(url, path="/v1/completions", **body):
@@ -123,7 +124,7 @@ def test_registering_beside_requests_fails_none_of_them(server):
             errors.extend([r.text] if r.status_code != 200 else [])
 
     async def load():
-        async with httpx.AsyncClient(timeout=120) as client:
+        async with httpx.AsyncClient(timeout=120, limits=FRESH) as client:
             replies = []
             for _ in range(6):
                 replies += await asyncio.gather(*[client.post(f"{server}/v1/completions", json={
@@ -144,7 +145,7 @@ def test_registering_beside_requests_fails_none_of_them(server):
 
 def test_a_bad_request_does_not_fail_its_batch(server):
     async def fire():
-        async with httpx.AsyncClient(timeout=120) as client:
+        async with httpx.AsyncClient(timeout=120, limits=FRESH) as client:
             good = [client.post(f"{server}/v1/completions", json={"prompt": QUERIES["cooking"], "max_tokens": 4,
                                                                    "domain": "cooking"}) for _ in range(7)]
             bad = client.post(f"{server}/v1/completions", headers=JSON,
