@@ -1,9 +1,10 @@
 """OpenAI-compatible request and response bodies for the HTTP server, plus domex's own fields.
 
-Requests are validated here (pydantic), so a malformed body gets a 400 that names the field: text
-must be a valid string, a prompt non-empty (the server refuses a prompt holding lone surrogates). `domain` in a request forces a
-domain; `domex` in a response reports what the matcher decided. Every error, of the server and of
-the gateway, has OpenAI's shape `{"error": {"message", "type", "code"}}` (`error_response`).
+Requests are validated here (pydantic), so a malformed body gets a 400 that names the field: a
+prompt is non-empty, domain names pass `check_name` (the server refuses prompts holding lone
+surrogates). `domain` in a request forces a domain; `domex` in a response reports what the matcher
+decided. Every error, of the server and of the gateway, has OpenAI's shape
+`{"error": {"message", "type", "code"}}` (`error_response`, `install_error_handlers`).
 """
 
 from __future__ import annotations
