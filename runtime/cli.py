@@ -34,38 +34,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+QUANTILE_HELP = ("share of each domain's own demos its out-of-domain thresholds flag, fitted by leave-one-out "
+                 "on the demos (default 0.03)")
+
+
 def add_route(sub) -> None:
-    p = sub.add_parser("route", help="match a text to a stored domain and print the decision")
+    p = sub.add_parser("route", help="match texts to stored domains and print each decision")
     p.add_argument("--store", required=True, help="pattern store folder")
-    p.add_argument("--matcher", default="embedding", help="embedding (default) or signature (needs --pool)")
-    p.add_argument("--pool", help="expert pool; needed by the signature matcher")
-    p.add_argument("--threshold", type=float, help="out-of-domain similarity threshold (default: calibrated on the demos)")
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p.add_argument("text")
-    p.set_defaults(func=_route)
-
-
-def _route(args) -> int:
-    import json
-
-    from domex.store.db import Store
-
-    from .match import make_matcher
-
-    engine = None
-    if args.pool:
-        from .engine import Engine
-
-        engine = Engine.open(args.pool, budget="100%")
-    store = Store.open(args.store, create=False)
-    match = make_matcher(args.matcher, store, engine=engine, threshold=args.threshold).match_many([args.text])[0]
-    if args.json:
-        print(json.dumps(match.to_json()))
-    else:
-        flag = "  OUT-OF-DOMAIN" if match.ood else ""
-        print(f"{match.domain}  similarity={match.similarity:.3f}  margin={match.margin:.3f}  "
-              f"ood_similarity={match.ood_similarity:.3f} vs threshold={match.threshold:.3f}  matcher={match.matcher}{flag}")
-    return 0
+    p.add_argument("--pool", help="expert pool; the hybrid and signature matchers route through its first MoE layer")
+    p.add_argument("--matcher", default="hybrid", help="hybrid (default, as serve), embedding (text only, no --pool) "
+                                                       "or signature (routing only)")
+    p.add_argument("--ood-quantile", type=float, help=QUANTILE_HELP)
+    p.add_argument("--file", help="one query per line: plain text, or JSONL with a 'text' field when it ends in .jsonl")
+    p.add_argument("--json", action="store_true", help="one JSON decision per line")
+    p.add_argument("text", nargs="?", help="one query (or give --file)")
+    p.set_defaults(func=lazy(".match"))
 
 
 def add_serve(sub) -> None:
@@ -77,7 +60,7 @@ def add_serve(sub) -> None:
     p.add_argument("--rule", default="uniform", help="uniform (same count per layer) or coverage")
     p.add_argument("--matcher", default="hybrid", help="hybrid (default: text + routing), embedding (text only) or signature (routing only)")
     p.add_argument("--policy", default="nearest", help="out-of-domain fallback: nearest, union, general or full")
-    p.add_argument("--threshold", type=float, help="out-of-domain threshold (default: calibrated on the demos)")
+    p.add_argument("--ood-quantile", type=float, help=QUANTILE_HELP)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--device", default="cpu")
@@ -254,7 +237,7 @@ def add_gateway(sub) -> None:
     p.add_argument("--upstream", action="append", default=[], metavar="NAME=URL",
                    help="domain NAME served at URL (an OpenAI-compatible server); repeat per domain")
     p.add_argument("--default", help="upstream URL for out-of-domain queries and when a domain's upstream is down")
-    p.add_argument("--threshold", type=float, help="out-of-domain threshold (default: calibrated on the demos)")
+    p.add_argument("--ood-quantile", type=float, help=QUANTILE_HELP)
     p.add_argument("--health-interval", type=float, default=5.0, help="seconds between upstream health checks")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for an upstream response")
     p.add_argument("--host", default="127.0.0.1")
@@ -286,10 +269,11 @@ def add_eval(sub) -> None:
     p.add_argument("--store", required=True, help="pattern store folder (domex register)")
     p.add_argument("--budgets", default="0.25,0.5,0.75", help="comma-separated budgets (fractions, counts or bytes)")
     p.add_argument("--criteria", default="easyep,frequency,gate_sum,reap,tcess,random", help="comma-separated criteria")
-    p.add_argument("--eval-dir", default="patterns/eval", help="held-out splits <domain>.jsonl[.gz] and ood.jsonl[.gz]")
+    p.add_argument("--eval-dir", default="patterns/eval", help="held-out splits <domain>.jsonl[.gz], user-style queries/<domain>.jsonl and "
+                   "out-of-domain ood/<kind>.jsonl[.gz]")
     p.add_argument("--max-passages", type=int, help="first N held-out passages per domain for pruning quality")
-    p.add_argument("--routing-passages", type=int, help="first N held-out passages per domain and of the OOD set "
-                   "for routing (default: all; matching is cheap)")
+    p.add_argument("--routing-passages", type=int, help="first N held-out passages per domain for routing "
+                   "(default: all; matching is cheap); queries and OOD texts are always read whole")
     p.add_argument("--max-len", type=int, help="truncate passages to this many tokens (default: the model's context)")
     p.add_argument("--batch-size", type=int, default=16, help="passages per forward pass")
     p.add_argument("--domain", action="append", help="evaluate only this domain; repeat (default: every stored domain)")

@@ -3,7 +3,8 @@
     held-out splits (patterns/eval/<domain>.jsonl.gz) -> token ids, truncated to the context
     -> one Engine at 100% slots (ensure() only restricts routing, so every mask runs on it)
     -> per (mask, domain): next-token accuracy and mean NLL, teacher-forced, batched
-    -> routing: both matchers on the held-out passages and the out-of-domain set
+    -> routing: every matcher on held-out passages, user-style queries (queries/<domain>.jsonl)
+       and each kind of out-of-domain text (ood/<kind>.jsonl)
     -> results.json, report.md, PNG plots; optionally docs/RESULTS.md (+ docs/results/*.png)
 
 Masks compared at each budget, on each domain's held-out split:
@@ -30,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from domex.store.atomic import save_figure, write_atomic
 from domex.store.budget import Budget, domain_mask
@@ -46,7 +48,6 @@ DEFAULT_CRITERIA = ("easyep", "frequency", "gate_sum", "reap", "tcess", "random"
 RANDOM_SEEDS = (0, 1, 2)
 TARGET_BUDGET = 0.5  # DESIGN §8 states the quality targets at 50% of the experts
 BASELINES = ("random", "frequency", "gate_sum", "reap")  # what EASY-EP must beat on most domains
-OOD = "ood"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -94,16 +95,33 @@ class QualityRow:
 
 @dataclass(frozen=True)
 class Routing:
-    """One matcher on the held-out passages of every domain and on the out-of-domain set."""
+    """One matcher on one set of in-domain texts: held-out passages or user-style queries."""
 
     matcher: str
-    accuracy: float  # top-1 domain over all in-domain passages (whether or not flagged OOD)
+    data: str  # "passages" | "queries"
+    accuracy: float  # top-1 domain over all texts (whether or not flagged OOD)
     per_domain: dict[str, float]
     labels: list[str]
     confusion: list[list[int]]  # [true][predicted] counts
-    ood_detected: float  # share of the OOD set flagged out-of-domain (true positive rate)
-    false_alarms: float  # share of in-domain passages flagged out-of-domain
-    threshold: float
+    false_alarms: float  # share of these in-domain texts flagged out-of-domain
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Detection:
+    """One matcher on every out-of-domain kind.
+
+    Leave-one-kind-out: each kind is measured with thresholds fitted without it. The thresholds come
+    from the registered demos alone (DESIGN §12), never from an OOD kind, so every fold's thresholds
+    are the same and the figure is the mean of the per-kind rates, each kind weighted equally.
+    """
+
+    matcher: str
+    view: str  # the view whose per-domain thresholds flag out-of-domain
+    per_kind: dict[str, float]  # share of each kind flagged out-of-domain
+    caught: float  # leave-one-kind-out mean
+    worst: str  # the kind caught least
+    thresholds: dict[str, float]  # domain -> its threshold
     seconds: float
 
 
@@ -123,6 +141,7 @@ class Results:
     setup: dict
     quality: list[QualityRow]
     routing: list[Routing]
+    detection: list[Detection]
     overlap: dict  # {"criterion", "budget", "labels", "jaccard": [[...]]}
     targets: list[Target]
     seconds: dict = field(default_factory=dict)
@@ -130,7 +149,7 @@ class Results:
     def to_json(self) -> dict:
         return {"command": self.command, "machine": self.machine, "setup": self.setup,
                 "quality": [asdict(r) for r in self.quality], "routing": [asdict(r) for r in self.routing],
-                "overlap": self.overlap, "targets": [asdict(t) for t in self.targets], "seconds": self.seconds}
+                "detection": [asdict(d) for d in self.detection], "overlap": self.overlap, "targets": [asdict(t) for t in self.targets], "seconds": self.seconds}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,6 +176,15 @@ def read_split(path: Path, limit: int | None) -> list[str]:
     if not texts:
         raise ConfigError(f"{path} holds no passages; a held-out split needs at least one")
     return texts
+
+
+def read_ood(eval_dir: Path) -> dict[str, list[str]]:
+    """kind -> texts, from every `ood/<kind>.jsonl[.gz]`: each kind of unrelated text is measured on its own."""
+    files = sorted(p for p in (eval_dir / "ood").glob("*.jsonl*") if p.name.endswith((".jsonl", ".jsonl.gz")))
+    if not files:
+        raise ConfigError(f"no out-of-domain texts in {eval_dir / 'ood'}; write one <kind>.jsonl per kind of unrelated "
+                          "text there (one {\"text\": ...} per line) or pass the right --eval-dir")
+    return {p.name.split(".")[0]: read_split(p, None) for p in files}
 
 
 def split_path(eval_dir: Path, name: str) -> Path:
@@ -282,8 +310,6 @@ def evaluate_quality(engine, runs: list[Run], data: dict[str, list], progress: b
 
     Criteria often agree at a budget (the same mask): a (mask, domain) pair is scored once.
     """
-    from tqdm import tqdm
-
     bar = tqdm(total=sum(len(r.domains) for r in runs), desc="eval masks", unit="run", disable=not progress)
     scored: list[tuple[Run, str, Score]] = []
     done: dict[tuple[Mask, str], Score] = {}
@@ -316,23 +342,34 @@ def evaluate_quality(engine, runs: list[Run], data: dict[str, list], progress: b
 # routing
 
 
-def evaluate_routing(matcher, queries: dict[str, list[str]], ood: list[str]) -> Routing:
-    """Top-1 domain accuracy, confusion matrix and OOD detection of one matcher on held-out text."""
+def evaluate_routing(matcher, snapshot, data: str, texts: dict[str, list[str]]) -> Routing:
+    """Top-1 domain accuracy, confusion matrix and false alarms of one matcher on in-domain texts."""
     start = time.perf_counter()
-    labels = list(queries)
+    labels = snapshot.names
     confusion = np.zeros((len(labels), len(labels)), dtype=int)  # [true, predicted]
-    alarms, total = 0, 0
-    for i, (domain, texts) in enumerate(queries.items()):
-        for m in matcher.match_many(texts):
+    alarms = 0
+    for domain, domain_texts in texts.items():
+        i = labels.index(domain)
+        for m in match_all(matcher, snapshot, domain_texts):
             confusion[i, labels.index(m.domain)] += 1
             alarms += m.ood
-            total += 1
-    ood_matches = matcher.match_many(ood)
-    threshold = ood_matches[0].threshold
-    per_domain = {d: float(confusion[i, i] / confusion[i].sum()) for i, d in enumerate(labels)}
-    return Routing(matcher.name, float(np.trace(confusion) / confusion.sum()), per_domain, labels, confusion.tolist(),
-                   float(np.mean([m.ood for m in ood_matches])), alarms / total, float(threshold),
-                   time.perf_counter() - start)
+    per_domain = {d: float(confusion[i, i] / confusion[i].sum()) for i, d in enumerate(labels) if d in texts}
+    return Routing(matcher.name, data, float(np.trace(confusion) / confusion.sum()), per_domain, labels,
+                   confusion.tolist(), float(alarms / confusion.sum()), time.perf_counter() - start)
+
+
+def evaluate_detection(matcher, snapshot, ood: dict[str, list[str]]) -> Detection:
+    """Share of each out-of-domain kind flagged, and its leave-one-kind-out mean (see Detection)."""
+    start = time.perf_counter()
+    per_kind = {kind: float(np.mean([m.ood for m in match_all(matcher, snapshot, texts)])) for kind, texts in ood.items()}
+    views = matcher.views(snapshot)
+    own = views.text_thresholds if matcher.check == "text" else views.routing_thresholds  # [n]
+    return Detection(matcher.name, matcher.check, per_kind, float(np.mean(list(per_kind.values()))),
+                     min(per_kind, key=per_kind.get), dict(zip(views.names, own.tolist())), time.perf_counter() - start)
+
+
+def match_all(matcher, snapshot, texts: list[str], chunk: int = 64) -> list:
+    return [m for i in range(0, len(texts), chunk) for m in matcher.match_many(texts[i:i + chunk], snapshot=snapshot)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -343,7 +380,7 @@ def _at(rows: list[QualityRow], budget: float, kind: str, criterion: str | None 
     return {r.domain: r for r in rows if r.kind == kind and r.criterion == criterion and abs(r.budget - budget) < 1e-9}
 
 
-def check_targets(rows: list[QualityRow], routing: list[Routing], budget: float) -> list[Target]:
+def check_targets(rows: list[QualityRow], routing: list[Routing], detection: list[Detection], budget: float) -> list[Target]:
     """Each quality and routing target of DESIGN §8, met or missed and by how much."""
     out = []
     ours = _at(rows, budget, "domain", PRIMARY)
@@ -366,12 +403,13 @@ def check_targets(rows: list[QualityRow], routing: list[Routing], budget: float)
                               f"{wins}/{len(ours)} domains (lower NLL on {lower}/{len(ours)})", wins >= half,
                               f"{wins - half:+d} domains; mean accuracy gap {gap * 100:+.2f} pts"))
     for r in routing:
-        out.append(Target(f"routing top-1 ({r.matcher})", ">= 97%", f"{r.accuracy:.1%}", r.accuracy >= 0.97,
+        out.append(Target(f"routing top-1 on {r.data} ({r.matcher})", ">= 97%", f"{r.accuracy:.1%}", r.accuracy >= 0.97,
                           f"{(r.accuracy - 0.97) * 100:+.1f} pts"))
-        out.append(Target(f"OOD caught ({r.matcher})", ">= 90%", f"{r.ood_detected:.1%}", r.ood_detected >= 0.90,
-                          f"{(r.ood_detected - 0.90) * 100:+.1f} pts"))
-        out.append(Target(f"false alarms ({r.matcher})", "<= 3%", f"{r.false_alarms:.1%}", r.false_alarms <= 0.03,
+        out.append(Target(f"false alarms on {r.data} ({r.matcher})", "<= 3%", f"{r.false_alarms:.1%}", r.false_alarms <= 0.03,
                           f"{abs(0.03 - r.false_alarms) * 100:.1f} pts {'under' if r.false_alarms <= 0.03 else 'over'} the cap"))
+    for d in detection:
+        out.append(Target(f"OOD caught, leave-one-kind-out ({d.matcher})", ">= 90% (mean over kinds)", f"{d.caught:.1%}",
+                          d.caught >= 0.90, f"{(d.caught - 0.90) * 100:+.1f} pts; worst kind {d.worst} {d.per_kind[d.worst]:.0%}"))
     return out
 
 
@@ -413,8 +451,10 @@ def evaluate(pool, store, *, budgets=DEFAULT_BUDGETS, criteria=DEFAULT_CRITERIA,
         context = context_length(engine.model.config, max_len)
         eval_dir = Path(eval_dir)
         splits = {d: load_split(tok, eval_dir, d, max_passages, context) for d in names}
-        queries = {d: read_split(split_path(eval_dir, d), routing_passages) for d in names}
-        ood = read_split(split_path(eval_dir, OOD), routing_passages)
+        passages = {d: read_split(split_path(eval_dir, d), routing_passages) for d in names}
+        queries = {d: read_split(eval_dir / "queries" / f"{d}.jsonl", None) for d in names
+                   if (eval_dir / "queries" / f"{d}.jsonl").is_file()}
+        ood = read_ood(eval_dir)
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
         data = {d: batches(s, batch_size, pad) for d, s in splits.items()}
         runs = plan(patterns, budgets, criteria)
@@ -422,7 +462,13 @@ def evaluate(pool, store, *, budgets=DEFAULT_BUDGETS, criteria=DEFAULT_CRITERIA,
         quality = evaluate_quality(engine, runs, data, progress)
         t2 = time.perf_counter()
         engine.ensure(Mask.full(*next(iter(patterns.values())).shape))
-        routing = [evaluate_routing(make_matcher(kind, store, engine=engine), queries, ood) for kind in MATCHERS]
+        snapshot = store.snapshot()
+        routing, detection = [], []
+        for kind in tqdm(MATCHERS, desc="routing", unit="matcher", disable=not progress):
+            matcher = make_matcher(kind, store, engine=engine)
+            routing += [evaluate_routing(matcher, snapshot, data, texts)
+                        for data, texts in (("passages", passages), ("queries", queries)) if texts]
+            detection.append(evaluate_detection(matcher, snapshot, ood))
         t3 = time.perf_counter()
     finally:
         engine.close()
@@ -440,9 +486,11 @@ def evaluate(pool, store, *, budgets=DEFAULT_BUDGETS, criteria=DEFAULT_CRITERIA,
              "routing_passages_asked": routing_passages,
              "context": context, "batch_size": batch_size, "target_budget": target_budget,
              "passages": {d: len(s.ids) for d, s in splits.items()}, "tokens": {d: s.tokens for d, s in splits.items()},
-             "routing_passages": {d: len(q) for d, q in queries.items()}, "ood_passages": len(ood),
+             "routing_passages": {d: len(q) for d, q in passages.items()}, "queries": {d: len(q) for d, q in queries.items()},
+             "ood": {kind: len(t) for kind, t in ood.items()},
              "runs": sum(len(r.domains) for r in runs)}
-    return Results(command, machine(), setup, quality, routing, overlap, check_targets(quality, routing, target_budget),
+    return Results(command, machine(), setup, quality, routing, detection, overlap,
+                   check_targets(quality, routing, detection, target_budget),
                    {"prepare": round(t1 - t0, 1), "quality": round(t2 - t1, 1), "routing": round(t3 - t2, 1),
                     "total": round(t3 - t0, 1)})
 
@@ -485,11 +533,14 @@ def plot_accuracy(res: Results, path: Path) -> None:
 
 
 def plot_confusion(res: Results, path: Path) -> None:
-    """Row-normalised confusion matrices of both matchers, counts written in the cells."""
+    """Row-normalised confusion matrices: one row of panels per data set, one column per matcher."""
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(res.routing), figsize=(5.5 * len(res.routing), 4.8), squeeze=False)
-    for ax, r in zip(axes.flat, res.routing):
+    data = list(dict.fromkeys(r.data for r in res.routing))
+    matchers = list(dict.fromkeys(r.matcher for r in res.routing))
+    fig, axes = plt.subplots(len(data), len(matchers), figsize=(5.5 * len(matchers), 4.8 * len(data)), squeeze=False)
+    for r in res.routing:
+        ax = axes[data.index(r.data), matchers.index(r.matcher)]
         c = np.array(r.confusion, dtype=float)  # [true, predicted]
         share = c / c.sum(axis=1, keepdims=True).clip(1)
         ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
@@ -502,7 +553,27 @@ def plot_confusion(res: Results, path: Path) -> None:
         ax.set_yticks(range(len(r.labels)), r.labels)
         ax.set_xlabel("matched domain")
         ax.set_ylabel("true domain")
-        ax.set_title(f"{r.matcher} matcher: top-1 {r.accuracy:.1%}")
+        ax.set_title(f"{r.matcher} on {r.data}: top-1 {r.accuracy:.1%}")
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def plot_detection(res: Results, path: Path) -> None:
+    """Share of each out-of-domain kind flagged, one bar per matcher, and the 90% goal."""
+    import matplotlib.pyplot as plt
+
+    kinds = sorted({k for d in res.detection for k in d.per_kind})
+    width = 0.8 / max(1, len(res.detection))
+    fig, ax = plt.subplots(figsize=(1.5 + 0.7 * len(kinds), 3.8))
+    for n, d in enumerate(res.detection):
+        xs = np.arange(len(kinds)) + (n - (len(res.detection) - 1) / 2) * width
+        ax.bar(xs, [d.per_kind.get(k, 0.0) for k in kinds], width, label=f"{d.matcher} (mean {d.caught:.0%})")
+    ax.axhline(0.9, color="black", lw=1, ls="--", label="goal 90%")
+    ax.set_xticks(range(len(kinds)), kinds, rotation=45, ha="right")
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("flagged out-of-domain")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
     save_figure(fig, path)
 
 
@@ -524,7 +595,8 @@ def plot_overlap(res: Results, path: Path) -> None:
     save_figure(fig, path)
 
 
-PLOTS = {"accuracy_vs_budget.png": plot_accuracy, "confusion.png": plot_confusion, "mask_overlap.png": plot_overlap}
+PLOTS = {"accuracy_vs_budget.png": plot_accuracy, "confusion.png": plot_confusion, "ood_by_kind.png": plot_detection,
+         "mask_overlap.png": plot_overlap}
 
 
 def _first(n: int | None) -> str:
@@ -552,8 +624,9 @@ def report(res: Results, images: str = "") -> str:
              f"Held-out data: `{s['eval_dir']}`. Pruning quality: {_first(s['max_passages'])} passages per "
              f"domain ({', '.join(f'{d} {n}' for d, n in s['passages'].items())}; {sum(s['tokens'].values())} scored "
              f"tokens), truncated to {s['context']} tokens; {s['runs']} (mask, domain) runs. Routing: "
-             f"{sum(s['routing_passages'].values())} in-domain passages ({_first(s['routing_passages_asked'])} per domain) "
-             f"and {s['ood_passages']} out-of-domain passages.", "",
+             f"{sum(s['routing_passages'].values())} in-domain passages ({_first(s['routing_passages_asked'])} per domain), "
+             f"{sum(s['queries'].values())} user-style queries and {sum(s['ood'].values())} out-of-domain texts of "
+             f"{len(s['ood'])} kinds.", "",
              "## Targets (DESIGN §8)", ""]
     lines += _table(["target", "goal", "measured", "met", "margin"],
                     [[t.name, t.goal, t.value, "met" if t.met else "**missed**", t.by] for t in res.targets])
@@ -593,11 +666,23 @@ def report(res: Results, images: str = "") -> str:
     lines += _table(["mask"] + [f"{x:.0%}" for x in budgets], table)
     lines += ["", f"![accuracy vs budget]({images}accuracy_vs_budget.png)", "",
               "## Routing", "",
-              "Both matchers on the held-out passages (not the demos). Top-1 counts the nearest domain whether or not "
-              "the passage was flagged out-of-domain; false alarms are in-domain passages flagged out-of-domain.", ""]
-    lines += _table(["matcher", "top-1", "OOD caught", "false alarms", "threshold", "seconds"] + domains,
-                    [[r.matcher, f"{r.accuracy:.1%}", f"{r.ood_detected:.1%}", f"{r.false_alarms:.1%}", f"{r.threshold:.3f}",
-                      f"{r.seconds:.1f}"] + [f"{r.per_domain[d]:.0%}" for d in domains] for r in res.routing])
+              "Every matcher on held-out text, never the demos: passages cut from the held-out splits, and short "
+              "queries written the way users write (`queries/<domain>.jsonl`). Top-1 counts the nearest domain whether "
+              "or not the text was flagged out-of-domain; false alarms are in-domain texts flagged out-of-domain. "
+              "Thresholds are fitted on the registered demos alone (DESIGN §12).", ""]
+    lines += _table(["matcher", "data", "top-1", "false alarms", "seconds"] + domains,
+                    [[r.matcher, r.data, f"{r.accuracy:.1%}", f"{r.false_alarms:.1%}", f"{r.seconds:.1f}"]
+                     + [f"{r.per_domain[d]:.0%}" if d in r.per_domain else "" for d in domains] for r in res.routing])
+    kinds = sorted({k for d in res.detection for k in d.per_kind})
+    lines += ["", "Out-of-domain texts flagged, per kind (`ood/<kind>.jsonl`). Each kind is scored with thresholds "
+              "fitted without it; since thresholds use in-domain demos only, that is every kind with the same "
+              "thresholds, and the mean weights each kind equally.", ""]
+    lines += _table(["matcher", "checked view", "mean"] + kinds,
+                    [[d.matcher, d.view, f"{d.caught:.1%}"] + [f"{d.per_kind[k]:.0%}" if k in d.per_kind else "" for k in kinds]
+                     for d in res.detection])
+    lines += ["", "Per-domain thresholds (similarity below which a text is out-of-domain):", ""]
+    lines += _table(["matcher"] + domains, [[d.matcher] + [f"{d.thresholds[x]:.3f}" for x in domains] for d in res.detection])
+    lines += ["", f"![out-of-domain by kind]({images}ood_by_kind.png)"]
     lines += ["", f"![confusion matrices]({images}confusion.png)", "",
               f"## Mask overlap at {res.overlap['budget']:.0%} ({res.overlap['criterion']})", "",
               "Mean over layers of |A and B| / |A or B| of two domains' masks.", ""]

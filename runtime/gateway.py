@@ -1,6 +1,6 @@
 """Gateway: an OpenAI-compatible front that matches each query to a domain and proxies it to that domain's upstream.
 
-    request -> query text (prompt, or last user message) -> EmbeddingMatcher -> domain -> upstream URL
+    request -> query text (prompt, or last user message) -> embedding matcher -> domain -> upstream URL
     (healthy? else the default) -> proxied as is (SSE passed through chunk by chunk) -> X-Domex-* headers
 
 The upstreams are any OpenAI-compatible servers: `vllm serve` of a `domex export` checkpoint per
@@ -54,7 +54,7 @@ class Upstream:
 class GatewayConfig:
     upstreams: dict[str, str]  # domain -> base URL
     default: str | None = None  # base URL for out-of-domain queries and dead upstreams
-    threshold: float | None = None  # out-of-domain similarity threshold (None: calibrated on the demos)
+    ood_quantile: float | None = None  # share of each domain's demos its threshold flags (None: match.QUANTILE)
     health_interval: float = 5.0  # seconds between health checks
     timeout: float = 600.0  # seconds for an upstream response (a long generation)
 
@@ -252,12 +252,12 @@ def run(args) -> int:
     """`domex gateway`: match with the store's demos, proxy to the upstreams, until interrupted."""
     import uvicorn
 
-    from .match import EmbeddingMatcher
+    from .match import Matcher
 
-    config = GatewayConfig.from_flags(args.upstream, args.default, threshold=args.threshold,
+    config = GatewayConfig.from_flags(args.upstream, args.default, ood_quantile=args.ood_quantile,
                                       health_interval=args.health_interval, timeout=args.timeout)
     store = Store.open(args.store, create=False)
-    matcher = EmbeddingMatcher(store, threshold=config.threshold)
+    matcher = Matcher(store, "embedding", quantile=config.ood_quantile)
     matcher.match_many(["warm up"])  # load the embedder and the index before the first request
     uvicorn.run(create_app(Gateway(config, matcher), store), host=args.host, port=args.port, log_level="info")
     return 0

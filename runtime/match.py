@@ -1,51 +1,94 @@
 """Query matching: which stored domain a query belongs to, or that it belongs to none (DESIGN §3 online 1-2).
 
-Two matchers return the same `Match`:
-  embedding  (default) embed the query with all-MiniLM-L6-v2, take the k nearest demos from FAISS and
-             let them vote (each neighbour adds its cosine similarity to its domain's tally).
-  signature  PreMoe's approach: the query's routing histogram in the first MoE layer, compared by
-             cosine with each domain's stored histogram (its `frequency` scores of that layer).
-  hybrid     both: the text's cosine with each domain's mean demo embedding plus the routing
-             cosine; out-of-domain decided by the routing view.
-A query is out-of-domain when its similarity is below the store's threshold. The threshold is
-calibrated by leave-one-out over the stored demos (each demo matched against the others) and can
-be overridden. The fallback policy then says which domains' experts serve it.
+A query is looked at through up to two views, each compared with every domain of one store snapshot:
+  text     the query's MiniLM embedding against the domain's demo embeddings (FAISS, inner product);
+  routing  the query's first-layer routing profile (mean router probabilities over its tokens)
+           against the domain's signature, the summed profiles of its demos. The forward stops at
+           that router, so no routed expert has to be resident.
+Three matchers use them:
+  embedding  the k nearest demos vote (each adds its cosine to its domain's tally); text view only.
+  signature  the domain whose signature is nearest (PreMoe's approach); routing view only.
+  hybrid     (default) score = 0.8 x cosine with the domain's mean demo embedding
+             + 0.2 x routing cosine: the routing view breaks the text view's near-ties.
+Out-of-domain: the chosen domain's own threshold is checked, on the text view (embedding, hybrid:
+the mean cosine of the query's 3 nearest demos of that domain) or the routing view (signature).
+Thresholds come from the domain's demos alone (DESIGN §12), by leave-one-out: each demo, and each
+chat demo's prompt on its own (a request is short, like a prompt), is compared with the domain's
+other demos. A threshold is the `quantile` of those similarities, so about that share of in-domain
+requests is flagged. On the dev sets (patterns/dev) the routing check flagged short requests far
+more often than it caught unrelated text, so the hybrid checks the text view only. The fallback
+policy then says which domains' experts serve an out-of-domain query.
 
-Legend: Q queries, k neighbours, N demos, D embedding dim, E routed experts.
+Everything derived from the store (thresholds, centroids, signatures) is built once per snapshot
+generation and shared by every request that reads that snapshot.
+
+Legend: Q queries, k neighbours, N demos, n domains, D embedding dim, E routed experts, T tokens.
 """
 
 from __future__ import annotations
 
+import copy
+import json
 import threading
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from domex.store.db import Store
+from domex.store.db import Snapshot, Store
 from domex.store.embed import get_embedder
-from domex.store.errors import ConfigError, UnknownDomain
+from domex.store.errors import ConfigError, EmptyStore
 from domex.store.index import DemoIndex
 
-from .routing import route, router_logits
+from .routing import router_logits, router_probs
 
 POLICIES = ("nearest", "union", "general", "full")
 MATCHERS = ("embedding", "signature", "hybrid")
+QUANTILE = 0.03  # share of in-domain demos a threshold lets through as false alarms
+TEXT_WEIGHT = 0.8  # hybrid: the text view's share of a domain's score (chosen on patterns/dev)
+NEIGHBOURS = 3  # the text check: mean cosine of the query's nearest demos of the domain
+SEARCH_K = 64  # demos fetched per query: a domain with NEIGHBOURS among them gets its exact text check
+MAX_TOKENS = 256  # the routing view reads the first 256 tokens of a text
+
+
+@dataclass(frozen=True)
+class Check:
+    """One view's out-of-domain test of a query against the chosen domain."""
+
+    view: str  # "text" or "routing"
+    similarity: float
+    threshold: float  # the domain's own, from its demos
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.similarity >= self.threshold)
 
 
 @dataclass(frozen=True)
 class Match:
     domain: str  # the best domain, also when the query is out-of-domain
-    similarity: float  # cosine similarity of the query to that domain
-    margin: float  # similarity minus the runner-up domain's (1.0 when there is none)
-    ood: bool  # similarity below the threshold
+    similarity: float  # the matcher's score of that domain (embedding: cosine to its nearest demo)
+    margin: float  # score minus the runner-up domain's (1.0 when there is none)
+    ood: bool  # the check failed
     matcher: str
     runner_up: str | None = None
-    threshold: float = 0.0
-    ood_similarity: float = 0.0  # what the threshold is compared with (hybrid: the routing view's best)
+    check: Check | None = None
 
     def to_json(self) -> dict:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class Views:
+    """What matching needs from one snapshot, derived once per generation."""
+
+    generation: int
+    names: list[str]
+    centroids: np.ndarray  # [n, D] unit mean demo embedding per domain
+    text_thresholds: np.ndarray | None  # [n] (None: no text check)
+    signatures: np.ndarray | None  # [n, E] unit routing signature per domain (None: no routing view)
+    routing_thresholds: np.ndarray | None  # [n] (None: no routing check)
 
 
 def vote(sims: np.ndarray, labels: list[str]) -> tuple[str, float, str | None, float]:
@@ -60,67 +103,29 @@ def vote(sims: np.ndarray, labels: list[str]) -> tuple[str, float, str | None, f
     return ranked[0], best[ranked[0]], second, (best[second] if second else -1.0)
 
 
-def calibrate(similarities: np.ndarray, quantile: float = 0.05, slack: float = 0.9) -> float:
-    """A threshold below almost every in-domain similarity: `slack` x the `quantile` of the LOO scores."""
-    if len(similarities) == 0:
-        return 0.0
-    return float(np.quantile(similarities, quantile) * slack)
+def unit(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=-1, keepdims=True).clip(1e-12)
 
 
-class EmbeddingMatcher:
-    """FAISS vote over the k nearest demos; sees domains registered by other processes on the next query."""
+def closest(similarities: np.ndarray) -> float:
+    """The text check's score from one query's similarities to a domain's demos: mean of the top NEIGHBOURS."""
+    return float(np.sort(similarities)[::-1][:NEIGHBOURS].mean())
 
-    name = "embedding"
 
-    def __init__(self, store: Store, k: int = 8, threshold: float | None = None):
-        self.store, self.k, self.override = store, k, threshold
-        self.index = DemoIndex(store)
-        self.embedder = get_embedder()
-        self._calibrated: tuple[int, float] | None = None  # (generation, threshold)
-
-    def threshold(self) -> float:
-        if self.override is not None:
-            return self.override
-        self.index.refresh()
-        if self._calibrated is None or self._calibrated[0] != self.index.generation:
-            hits = [sim for true, predicted, sim in self.leave_one_out() if true == predicted]
-            self._calibrated = (self.index.generation, calibrate(np.asarray(hits)))
-        return self._calibrated[1]
-
-    def leave_one_out(self) -> list[tuple[str, str, float]]:
-        """(true domain, matched domain, similarity) of every demo matched against all the other demos."""
-        _, labels, vecs = self.store.embeddings()  # [N, D]
-        if len(labels) < 2:
-            return []
-        sims = vecs @ vecs.T  # [N, N]
-        np.fill_diagonal(sims, -np.inf)
-        k = min(self.k, len(labels) - 1)
-        out = []
-        for i, row in enumerate(sims):
-            near = np.argsort(-row)[:k]
-            domain, sim, _, _ = vote(row[near], [labels[j] for j in near])
-            out.append((labels[i], domain, sim))
-        return out
-
-    def match_many(self, texts: list[str]) -> list[Match]:
-        sims, labels = self.index.search(self.embedder.encode(texts), self.k)  # [Q, k], [Q][k]
-        threshold = self.threshold()
-        out = []
-        for row, lab in zip(sims, labels):
-            domain, sim, second, sim2 = vote(row, lab)
-            margin = sim - sim2 if second else 1.0
-            out.append(Match(domain, sim, margin, sim < threshold, self.name, second, threshold, sim))
-        return out
+def calibrate(similarities: list[float], quantile: float) -> float:
+    """The threshold that flags `quantile` of these in-domain similarities (-inf with nothing to go by)."""
+    return float(np.quantile(similarities, quantile)) if similarities else float("-inf")
 
 
 class _StopForward(Exception):
     """Raised by the routing hook once the first MoE layer's router has run: the rest is not needed."""
 
 
-def routing_histogram(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> np.ndarray:
-    """[Q, E] share of each expert in the unrestricted top-k choices of the first MoE layer, per query.
+def routing_profile(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> np.ndarray:
+    """float32 [Q, E]: each query's router probabilities in the first MoE layer, averaged over its tokens.
 
-    The forward stops at that layer's router, so no routed expert needs to be resident.
+    Probabilities rather than top-k counts: on a short query the counts are a handful of votes,
+    the probabilities say how close every expert came. The forward stops at that router.
     """
     from .families import adapter_for
 
@@ -128,15 +133,12 @@ def routing_histogram(model: torch.nn.Module, input_ids: torch.Tensor, attention
     cfg = adapter.router_config(model.config)
     router = adapter.router(adapter.moe_blocks(model)[0][1])
     captured = {}
-
     caller = threading.get_ident()
 
     def hook(module, args):
         if threading.get_ident() != caller:  # a server generates on another thread with the same model
             return None
-        logits = router_logits(module, args[0], cfg)  # [Q*T, E]
-        everything = torch.ones(cfg.num_experts, dtype=torch.bool, device=logits.device)
-        captured["ids"] = route(logits, everything, cfg, bias=getattr(module, "e_score_correction_bias", None))[1]
+        captured["probs"] = router_probs(router_logits(module, args[0], cfg), cfg)  # [Q*T, E] fp32
         raise _StopForward
 
     handle = router.register_forward_pre_hook(hook)
@@ -147,103 +149,137 @@ def routing_histogram(model: torch.nn.Module, input_ids: torch.Tensor, attention
         pass
     finally:
         handle.remove()
-    ids = captured["ids"].reshape(input_ids.shape[0], input_ids.shape[1], -1)  # [Q, T, k]
-    valid = (attention_mask if attention_mask is not None else torch.ones_like(input_ids)).bool()  # [Q, T]
-    hist = torch.zeros(ids.shape[0], cfg.num_experts)  # [Q, E]
-    for q in range(ids.shape[0]):
-        hist[q].index_add_(0, ids[q][valid[q]].flatten().cpu(), torch.ones(int(valid[q].sum()) * cfg.top_k))
-    return (hist / hist.sum(dim=-1, keepdim=True).clamp_min(1)).numpy()
+    probs = captured["probs"].reshape(input_ids.shape[0], input_ids.shape[1], -1).cpu()  # [Q, T, E]
+    valid = (attention_mask if attention_mask is not None else torch.ones_like(input_ids)).to(torch.float32)  # [Q, T]
+    total = (probs * valid.unsqueeze(-1)).sum(dim=1)  # [Q, E]
+    return (total / valid.sum(dim=1, keepdim=True).clamp_min(1)).numpy()
 
 
-class SignatureMatcher:
-    """PreMoe-style: cosine between the query's first-layer routing histogram and each domain's."""
+class Matcher:
+    """One of MATCHERS over one store; answers each call from one snapshot (the caller's, or the newest)."""
 
-    name = "signature"
+    def __init__(self, store: Store, name: str = "hybrid", *, model: torch.nn.Module | None = None, tokenizer=None,
+                 k: int = 8, quantile: float | None = None):
+        if name not in MATCHERS:
+            raise ConfigError(f"unknown matcher {name!r}; matchers: {', '.join(MATCHERS)}")
+        if name != "embedding" and (model is None or tokenizer is None):
+            raise ConfigError(f"the {name} matcher routes the query through the model's first layers: give --pool")
+        quantile = QUANTILE if quantile is None else quantile
+        if not 0 <= quantile < 1:
+            raise ConfigError(f"--ood-quantile must be in [0, 1), got {quantile}")
+        self.store, self.name, self.k, self.quantile = store, name, k, quantile
+        self.uses_text, self.uses_routing = name != "signature", name != "embedding"
+        self.check = "routing" if name == "signature" else "text"  # the view whose threshold flags out-of-domain
+        self.model = model
+        self.tokenizer = copy.deepcopy(tokenizer)  # padding/truncation are tokenizer state: ours alone
+        self.embedder = get_embedder()
+        self.index = DemoIndex(store)
+        self._views: dict[int, Views] = {}  # generation -> views, the two newest
+        self._lock = threading.Lock()
+        self._tokenizer_lock = threading.Lock()
 
-    def __init__(self, store: Store, model: torch.nn.Module, tokenizer, threshold: float | None = None):
-        self.store, self.model, self.tokenizer, self.override = store, model, tokenizer, threshold
-        self._cache: tuple[int, list[str], np.ndarray, float] | None = None  # generation, names, [n, E], threshold
+    # -- the query's views ---------------------------------------------------------------------
 
-    def _histograms(self, texts: list[str]) -> np.ndarray:
-        batch = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=256)
-        return routing_histogram(self.model, batch["input_ids"], batch["attention_mask"])
+    def profiles(self, texts: list[str], batch_size: int = 16) -> np.ndarray:
+        """float32 [Q, E] routing profiles of plain texts (no chat template, first MAX_TOKENS tokens)."""
+        out = []
+        for i in range(0, len(texts), batch_size):
+            with self._tokenizer_lock:
+                batch = self.tokenizer(texts[i:i + batch_size], return_tensors="pt", padding=True, truncation=True,
+                                       max_length=MAX_TOKENS)
+            out.append(routing_profile(self.model, batch["input_ids"], batch["attention_mask"]))
+        return np.concatenate(out)
 
-    def _signatures(self) -> tuple[list[str], np.ndarray, float]:
-        generation = self.store.generation()
-        if self._cache is None or self._cache[0] != generation:
-            names = self.store.names()
-            if not names:
-                raise UnknownDomain(f"store {self.store.path} holds no domains; register one first")
-            patterns = [self.store.get(n) for n in names]
-            sig = np.stack([p.score("frequency")[0] / max(p.score("frequency")[0].sum(), 1e-12) for p in patterns])  # [n, E]
-            sig /= np.linalg.norm(sig, axis=1, keepdims=True).clip(1e-12)
-            loo = []
-            for p in patterns:  # each domain's demos against the signatures: the calibration set
-                demo_hist = self._histograms([d.get("text") or (d.get("prompt", "") + " " + d.get("response", "")) for d in p.demos])
-                loo.extend(self._cosines(demo_hist, sig).max(axis=1).tolist())
-            self._cache = (generation, names, sig, calibrate(np.asarray(loo)))
-        return self._cache[1], self._cache[2], self._cache[3]
+    def closest_demos(self, vecs: np.ndarray, snapshot: Snapshot, names: list[str]) -> tuple[np.ndarray, np.ndarray, list[list[str]]]:
+        """([Q, n] text check of each query against each domain, [Q, k] neighbours' cosines, their labels).
 
-    @staticmethod
-    def _cosines(hist: np.ndarray, sig: np.ndarray) -> np.ndarray:
-        hist = hist / np.linalg.norm(hist, axis=1, keepdims=True).clip(1e-12)
-        return hist @ sig.T  # [Q, n]
+        A domain with fewer than NEIGHBOURS demos among the SEARCH_K nearest is padded with the
+        farthest fetched similarity, an upper bound.
+        """
+        sims, labels = self.index.search(vecs, max(SEARCH_K, self.k), snapshot)  # [Q, k'], [Q][k']
+        column = {n: j for j, n in enumerate(names)}
+        per_domain = [[[] for _ in names] for _ in sims]  # [Q][n] similarities, descending
+        for q, (row, row_labels) in enumerate(zip(sims.tolist(), labels)):
+            for s, label in zip(row, row_labels):
+                per_domain[q][column[label]].append(s)
+        sizes = [len(snapshot.get(n).demos) for n in names]
+        check = np.array([[closest(np.array(found + [row[-1]] * (min(NEIGHBOURS, size) - len(found))))
+                           for found, size in zip(per_domain[q], sizes)] for q, row in enumerate(sims.tolist())])
+        return check, sims[:, :self.k], [row[:self.k] for row in labels]
 
-    def similarities(self, texts: list[str]) -> tuple[list[str], np.ndarray, float]:
-        """(domain names, cosines [Q, n] of each query's histogram with each domain's, threshold)."""
-        names, sig, calibrated = self._signatures()
-        threshold = self.override if self.override is not None else calibrated
-        return names, self._cosines(self._histograms(texts), sig), threshold
+    # -- per snapshot ----------------------------------------------------------------------------
 
-    def match_many(self, texts: list[str]) -> list[Match]:
-        names, sims, threshold = self.similarities(texts)
-        return decide(names, sims, sims, threshold, self.name)
+    def views(self, snapshot: Snapshot) -> Views:
+        if snapshot.generation not in self._views:
+            with self._lock:
+                if snapshot.generation not in self._views:
+                    views = self._build(snapshot)
+                    self._views = {g: v for g, v in self._views.items() if g > snapshot.generation - 2}
+                    self._views[snapshot.generation] = views
+        return self._views[snapshot.generation]
+
+    def _build(self, snapshot: Snapshot) -> Views:
+        """Centroids, signatures and per-domain thresholds by leave-one-out over each domain's demos."""
+        names = snapshot.names
+        if not names:
+            raise EmptyStore(f"store {self.store.path} holds no domains, so no query can be matched; register a domain first")
+        centroids, text_thr, signatures, routing_thr = [], [], [], []
+        for name in names:
+            p = snapshot.get(name)
+            chats = [(i, d["prompt"]) for i, d in enumerate(p.demos) if "prompt" in d]  # a request alone: a probe
+            others = [np.delete(np.arange(len(p.demos)), i) for i in range(len(p.demos))]  # each demo's fellow demos
+            centroids.append(unit(p.embeddings.mean(axis=0)))
+            if self.check == "text" and len(p.demos) > 1:
+                sims = p.embeddings @ p.embeddings.T  # [N, N]
+                prompts = self.embedder.encode([t for _, t in chats]) @ p.embeddings.T  # [P, N]
+                probes = [closest(row[others[i]]) for i, row in enumerate(sims)]
+                probes += [closest(row[others[i]]) for (i, _), row in zip(chats, prompts)]
+                text_thr.append(calibrate(probes, self.quantile))
+            elif self.check == "text":
+                text_thr.append(float("-inf"))
+            if self.uses_routing:
+                texts = [d.get("text") or f"{d['prompt']}\n\n{d['response']}" for d in p.demos]
+                demos = self.profiles(texts)  # [N, E]
+                signatures.append(unit(demos.sum(axis=0)))
+            if self.check == "routing":
+                prompts = self.profiles([t for _, t in chats]) if chats else demos[:0]  # [P, E]
+                probes = [float(unit(h) @ unit(demos[others[i]].sum(axis=0))) for i, h in enumerate(demos) if len(demos) > 1]
+                probes += [float(unit(h) @ unit(demos[others[i]].sum(axis=0))) for (i, _), h in zip(chats, prompts) if len(demos) > 1]
+                routing_thr.append(calibrate(probes, self.quantile))
+        return Views(snapshot.generation, names, np.stack(centroids), np.array(text_thr) if text_thr else None,
+                     np.stack(signatures) if signatures else None, np.array(routing_thr) if routing_thr else None)
+
+    # -- matching --------------------------------------------------------------------------------
+
+    def match_many(self, texts: list[str], snapshot: Snapshot | None = None) -> list[Match]:
+        """One Match per text, every one read from `snapshot` (default: the store's newest)."""
+        snapshot = snapshot if snapshot is not None else self.store.snapshot()
+        v = self.views(snapshot)
+        column = {n: j for j, n in enumerate(v.names)}
+        vecs = self.embedder.encode(texts) if self.uses_text else None  # [Q, D]
+        text_check, knn_sims, knn_labels = self.closest_demos(vecs, snapshot, v.names) if self.uses_text else (None, None, None)
+        routing = unit(self.profiles(texts)) @ v.signatures.T if self.uses_routing else None  # [Q, n]
+        if self.name == "hybrid":
+            scores = TEXT_WEIGHT * (vecs @ v.centroids.T) + (1 - TEXT_WEIGHT) * routing  # [Q, n]
+        out = []
+        for q in range(len(texts)):
+            if self.name == "embedding":
+                domain, sim, second, sim2 = vote(knn_sims[q], knn_labels[q])
+                margin = sim - sim2 if second else 1.0
+            else:
+                row = scores[q] if self.name == "hybrid" else routing[q]
+                order = np.argsort(-row)
+                domain, sim = v.names[order[0]], float(row[order[0]])
+                second = v.names[order[1]] if len(order) > 1 else None
+                margin = sim - float(row[order[1]]) if second else 1.0
+            j = column[domain]
+            check = (Check("text", float(text_check[q, j]), float(v.text_thresholds[j])) if self.check == "text" else
+                     Check("routing", float(routing[q, j]), float(v.routing_thresholds[j])))
+            out.append(Match(domain, float(sim), float(margin), not check.passed, self.name, second, check))
+        return out
 
 
-class HybridMatcher:
-    """Both views of a query: its text and its routing, each compared with every domain by cosine.
-
-    text: the query's MiniLM embedding against each domain's mean demo embedding (its centroid);
-    routing: the signature matcher's first-layer histogram against each domain's. A domain's score
-    is the mean of the two, so one view breaks the other's near-ties; the query is out-of-domain
-    when its routing resembles no domain's (signature threshold), the view that separates unseen
-    kinds of text on the demo model (docs/RESULTS.md).
-    """
-
-    name = "hybrid"
-
-    def __init__(self, store: Store, model: torch.nn.Module, tokenizer, threshold: float | None = None):
-        self.store, self.embedder = store, get_embedder()
-        self.signature = SignatureMatcher(store, model, tokenizer, threshold)
-        self._centroids: tuple[int, dict[str, np.ndarray]] | None = None  # generation, name -> [D]
-
-    def centroids(self, names: list[str]) -> np.ndarray:
-        generation, labels, vecs = self.store.embeddings()  # [N, D]
-        if self._centroids is None or self._centroids[0] != generation:
-            by_name = {n: vecs[[i for i, l in enumerate(labels) if l == n]].mean(axis=0) for n in set(labels)}
-            self._centroids = (generation, {n: v / max(np.linalg.norm(v), 1e-12) for n, v in by_name.items()})
-        return np.stack([self._centroids[1][n] for n in names])  # [n, D]
-
-    def match_many(self, texts: list[str]) -> list[Match]:
-        names, routing, threshold = self.signature.similarities(texts)  # [Q, n]
-        text = self.embedder.encode(texts) @ self.centroids(names).T  # [Q, n]
-        return decide(names, (text + routing) / 2, routing, threshold, self.name)
-
-
-def decide(names: list[str], scores: np.ndarray, ood_sims: np.ndarray, threshold: float, matcher: str) -> list[Match]:
-    """One Match per row of scores [Q, n]: best domain, its score, the margin to the runner-up, and
-    out-of-domain when the query's ood_sims are below the threshold for every domain."""
-    out = []
-    for row, ood_row in zip(scores, ood_sims):
-        order = np.argsort(-row)
-        best, second = order[0], (order[1] if len(order) > 1 else None)
-        margin = float(row[best] - row[second]) if second is not None else 1.0
-        out.append(Match(names[best], float(row[best]), margin, bool(ood_row.max() < threshold), matcher,
-                         names[second] if second is not None else None, threshold, float(ood_row.max())))
-    return out
-
-
-def fallback_domains(match: Match, policy: str, store: Store) -> list[str] | None:
+def fallback_domains(match: Match, policy: str, snapshot: Snapshot) -> list[str] | None:
     """The domains whose experts serve a query; None means all experts (policy `full`)."""
     if policy not in POLICIES:
         raise ConfigError(f"unknown fallback policy {policy!r}; policies: {', '.join(POLICIES)}")
@@ -252,17 +288,73 @@ def fallback_domains(match: Match, policy: str, store: Store) -> list[str] | Non
     if policy == "union":
         return [match.domain] + ([match.runner_up] if match.runner_up else [])
     if policy == "general":
-        return store.names()
+        return snapshot.names
     return None
 
 
-def make_matcher(kind: str, store: Store, *, engine=None, threshold: float | None = None):
-    """The matcher a server or `domex route` asked for; the signature matcher needs the model (an Engine)."""
-    if kind == "embedding":
-        return EmbeddingMatcher(store, threshold=threshold)
-    if kind in ("signature", "hybrid"):
-        if engine is None:
-            raise ConfigError(f"the {kind} matcher routes the query through the model's first layers: give --pool")
-        cls = SignatureMatcher if kind == "signature" else HybridMatcher
-        return cls(store, engine.model, engine.tokenizer, threshold=threshold)
-    raise ConfigError(f"unknown matcher {kind!r}; matchers: {', '.join(MATCHERS)}")
+def make_matcher(name: str, store: Store, *, engine=None, quantile: float | None = None) -> Matcher:
+    """The matcher a server or `domex route` asked for; the routing views need the model (an Engine)."""
+    model, tokenizer = (engine.model, engine.tokenizer) if engine is not None else (None, None)
+    return Matcher(store, name, model=model, tokenizer=tokenizer, quantile=quantile)
+
+
+def open_matcher(name: str, store: Store, pool: str | Path | None = None, *, quantile: float | None = None) -> Matcher:
+    """A matcher outside a server: with a pool, its model is loaded with the fewest slots a router takes
+    (the routing view stops before any expert), checked against the store's fingerprint."""
+    engine = None
+    if pool is not None:
+        from .engine import Engine
+        from .pool import open_pool
+
+        pool = open_pool(pool)
+        engine = Engine.open(pool, budget=str(pool.manifest.top_k), fingerprint=store.fingerprint())
+    return make_matcher(name, store, engine=engine, quantile=quantile)
+
+
+def read_queries(path: str | Path) -> list[tuple[int, str]]:
+    """(line number, query) of each non-blank line: plain text, or a JSON object's 'text' for a .jsonl file."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read queries from {path}: {e}") from None
+    out = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        if path.suffix != ".jsonl":
+            out.append((number, line))
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}:{number}: not JSON ({e.msg}); a .jsonl file holds one {{\"text\": ...}} per line") from None
+        text = record.get("text") if isinstance(record, dict) else None
+        if not isinstance(text, str) or not text.strip():
+            raise ConfigError(f"{path}:{number}: field 'text' must be a non-empty string; a .jsonl file holds one "
+                              "{\"text\": ...} per line (other files: one plain-text query per line)")
+        out.append((number, text))
+    if not out:
+        raise ConfigError(f"{path} holds no queries")
+    return out
+
+
+def run(args) -> int:
+    """`domex route`: one decision per query, all from one snapshot, with the model and embedder loaded once."""
+    if (args.text is None) == (args.file is None):
+        raise ConfigError("give one query as TEXT or a file of queries with --file, not both")
+    queries = read_queries(args.file) if args.file else [(1, args.text)]
+    store = Store.open(args.store, create=False)
+    matcher = open_matcher(args.matcher, store, args.pool, quantile=args.ood_quantile)
+    snapshot = store.snapshot()
+    for start in range(0, len(queries), 64):
+        chunk = queries[start:start + 64]
+        for (line, _), match in zip(chunk, matcher.match_many([t for _, t in chunk], snapshot=snapshot)):
+            if args.json:
+                print(json.dumps({"line": line, **match.to_json()}, ensure_ascii=False), flush=True)
+            else:
+                c = match.check
+                print(f"{line}: {match.domain}{'  OUT-OF-DOMAIN' if match.ood else ''}  score={match.similarity:.3f}  "
+                      f"margin={match.margin:.3f}  {c.view} {c.similarity:.3f}{'>=' if c.passed else '<'}{c.threshold:.3f}  "
+                      f"matcher={match.matcher}", flush=True)
+    return 0

@@ -144,7 +144,7 @@ def create_app(state: ServerState) -> FastAPI:
 
     scheduler = Scheduler(state.engine, on_batch=on_batch)
     # prompts are tokenised on request threads with a tokenizer of their own: a fast tokenizer's padding and
-    # truncation are state of the object, and the signature matcher pads and truncates with the engine's
+    # truncation are state of the object (the matcher keeps its own copy for the same reason)
     tokenizer = copy.deepcopy(state.engine.tokenizer)
     app.state.domex = state
     app.add_middleware(BodyLimit, limit=state.max_body_bytes)
@@ -174,7 +174,7 @@ def create_app(state: ServerState) -> FastAPI:
             return None, state.masks.mask([forced], snapshot)
         start = time.perf_counter()
         try:
-            match = state.matcher.match_many([text])[0]  # TODO(lead): snapshot=snapshot once match.py takes it
+            match = state.matcher.match_many([text], snapshot=snapshot)[0]
         except Exception:
             state.metrics.match_errors.inc()
             raise
@@ -367,7 +367,7 @@ def run(args) -> int:
         parsed = [Demo.from_json(d, where=f"demos[{i}]") for i, d in enumerate(demos)]
         return register(args.pool, store, name, parsed, replace=replace, streaming=True, progress=False)
 
-    state = ServerState(engine, store, make_matcher(args.matcher, store, engine=engine, threshold=args.threshold),
+    state = ServerState(engine, store, make_matcher(args.matcher, store, engine=engine, quantile=args.ood_quantile),
                         masks, model_name=Path(args.pool).name, policy=args.policy, register_domain=register_domain,
                         admin_token=args.admin_token, max_tokens=args.max_tokens, max_prompt_tokens=args.max_prompt_tokens,
                         max_body_bytes=args.max_body_bytes, max_demos=args.max_demos)

@@ -278,21 +278,6 @@ class Store:
         embeddings = decode_array(txn.get(name.encode(), db=self._dbs["embeddings"]), where=f"{self.path}:embeddings/{name}")
         return Pattern.from_parts(record, scores, demos, embeddings)
 
-    def embeddings(self) -> tuple[int, list[str], np.ndarray]:
-        """(generation, domain label per row, float32 [N_all, D]) of every domain, from one snapshot."""
-
-        def collect(txn):
-            labels, blocks = [], []
-            for key, value in txn.cursor(db=self._dbs["embeddings"]):
-                vecs = decode_array(value, where=f"{self.path}:embeddings/{bytes(key).decode()}")  # [N, D]
-                labels += [bytes(key).decode()] * len(vecs)
-                blocks.append(vecs)
-            dim = int(self._meta(txn, "embedding_dim") or 0)
-            vecs = np.concatenate(blocks) if blocks else np.zeros((0, dim), dtype=np.float32)  # [N_all, D]
-            return int(self._meta(txn, "generation")), labels, vecs
-
-        return self._read(collect)
-
     def snapshot(self) -> Snapshot:
         """All domains of the current generation, consistent with each other (one read transaction).
 

@@ -8,7 +8,9 @@ LMDB is the source of truth; the index is a cache of it, kept next to the LMDB f
 Both are written to temp names and renamed. The index is rebuilt when a file is missing, when the
 pair does not belong together (hash), or when its generation differs from the store's. Every
 search reads the store's generation in one short transaction, so a server picks up a domain
-registered by another process on its next query.
+registered by another process on its next query; a search given a `Snapshot` is answered at that
+snapshot's generation, so a request sees the same domains in its index as in its patterns.
+Persisting is a cache write: when the folder is not writable the index lives in memory, with one warning.
 """
 
 from __future__ import annotations
@@ -16,12 +18,13 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+import warnings
 
 import faiss
 import numpy as np
 
 from .atomic import write_atomic
-from .db import Store
+from .db import Snapshot, Store
 from .errors import EmptyStore, StoreError
 
 INDEX_FILE = "index.faiss"
@@ -41,16 +44,16 @@ class DemoIndex:
         self._index = None
         self._lock = threading.Lock()
 
-    def refresh(self) -> None:
-        """Bring the index to the store's generation: keep it, load it from disk, or rebuild it."""
-        generation = self.store.generation()
+    def refresh(self, snapshot: Snapshot | None = None) -> None:
+        """Bring the index to the snapshot's (default: the store's) generation: keep, load or rebuild it."""
+        generation = snapshot.generation if snapshot is not None else self.store.generation()
         if generation == self.generation and self._index is not None:
             return
         with self._lock:
             if generation == self.generation and self._index is not None:
                 return
             if not self._load(generation):
-                self._rebuild()
+                self._rebuild(snapshot or self.store.snapshot())
 
     def _load(self, generation: int) -> bool:
         """Adopt the files on disk if they are whole and at `generation`."""
@@ -67,25 +70,31 @@ class DemoIndex:
         self._index, self.labels, self.generation = index, list(meta["labels"]), generation
         return True
 
-    def _rebuild(self) -> None:
-        """Index every stored embedding and persist it; the generation is the one read with them."""
-        generation, labels, vecs = self.store.embeddings()  # [N, D], one snapshot
+    def _rebuild(self, snapshot: Snapshot) -> None:
+        """Index every embedding of the snapshot and persist it (best effort: the files are a cache)."""
+        labels, vecs = snapshot.embeddings()  # [N, D]
         index = faiss.IndexFlatIP(vecs.shape[1] if vecs.shape[1] else 1)
         if len(vecs):
             index.add(np.ascontiguousarray(vecs, dtype=np.float32))
         data = faiss.serialize_index(index).tobytes()
-        meta = {"generation": generation, "labels": labels, "dim": index.d, "sha256": hashlib.sha256(data).hexdigest()}
-        write_atomic(self.faiss_path, data)  # the hash in index.json ties the pair together
-        write_atomic(self.json_path, json.dumps(meta).encode())
-        self._index, self.labels, self.generation = index, labels, generation
+        meta = {"generation": snapshot.generation, "labels": labels, "dim": index.d, "sha256": hashlib.sha256(data).hexdigest()}
+        try:
+            if snapshot.generation >= self.store.generation():  # an older request's snapshot is not saved over a newer one
+                write_atomic(self.faiss_path, data)  # the hash in index.json ties the pair together
+                write_atomic(self.json_path, json.dumps(meta).encode())
+        except OSError as e:
+            if self.rebuilds == 0:
+                warnings.warn(f"store {self.store.path.name}: cannot save the FAISS index ({e.strerror}); "
+                              "keeping it in memory, rebuilt in each process", stacklevel=2)
+        self._index, self.labels, self.generation = index, labels, snapshot.generation
         self.rebuilds += 1
 
-    def search(self, query_vecs: np.ndarray, k: int) -> tuple[np.ndarray, list[list[str]]]:
+    def search(self, query_vecs: np.ndarray, k: int, snapshot: Snapshot | None = None) -> tuple[np.ndarray, list[list[str]]]:
         """(similarities float32 [Q, k'], domain labels [Q][k']) of the k' = min(k, N) nearest demos.
 
         Queries must be unit vectors from the same embedder (Embedder.encode gives them).
         """
-        self.refresh()
+        self.refresh(snapshot)
         index, labels = self._index, self.labels  # one consistent pair even if another thread refreshes
         if index.ntotal == 0:
             raise EmptyStore(f"store {self.store.path} holds no domains, so no query can be matched; register a domain first")

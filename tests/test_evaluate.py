@@ -24,11 +24,14 @@ HELD_OUT = {  # not the demos
                "for i, item in enumerate(items):\n    print(i, item)",
                "import json\nwith open('a.json') as f:\n    data = json.load(f)"],
 }
-OOD = [UNRELATED, "MKTAYIAKQRQISFVKSHFSRQLEERLGLIEVQAPILSRVGDGTQDNLSGAEK", "The tides rise twice a day near the coast."]
+QUERIES = {"cooking": ["how long do I boil an egg", "what goes in a pancake batter?"],
+           "python": ["how do I reverse a list in python", "why does my for loop print None"]}
+OOD = {"prose": [UNRELATED, "The tides rise twice a day near the coast."],
+       "protein": ["MKTAYIAKQRQISFVKSHFSRQLEERLGLIEVQAPILSRVGDGTQDNLSGAEK"]}
 
 
 def write_split(path, texts):
-    with gzip.open(path, "wt", encoding="utf-8") as f:
+    with (gzip.open if path.suffix == ".gz" else open)(path, "wt", encoding="utf-8") as f:
         for t in texts:
             f.write(json.dumps({"text": t}) + "\n")
 
@@ -51,7 +54,10 @@ def make_run(root):
     (root / "eval").mkdir()
     for name, texts in HELD_OUT.items():
         write_split(root / "eval" / f"{name}.jsonl.gz", texts)
-    write_split(root / "eval" / "ood.jsonl.gz", OOD)
+    for folder, files in (("queries", QUERIES), ("ood", OOD)):
+        (root / "eval" / folder).mkdir()
+        for name, texts in files.items():
+            write_split(root / "eval" / folder / f"{name}.jsonl", texts)
     out, docs = root / "out", root / "docs"
     rc = main(["eval", "--pool", str(root / "pool"), "--store", str(root / "store"), "--budgets", ",".join(BUDGETS),
                "--criteria", ",".join(CRITERIA), "--eval-dir", str(root / "eval"), "--batch-size", "2", "--quiet",
@@ -76,10 +82,16 @@ def test_every_criterion_budget_and_domain_is_reported(run):
     for r in rows:
         assert 0.0 <= r["accuracy"] <= 1.0 and r["nll"] > 0 and r["experts_used"] <= r["experts_kept"]
         assert r["experts_kept"] == r["experts_per_layer"] * 2  # two MoE layers
-    assert {r["matcher"] for r in res["routing"]} == {"embedding", "signature", "hybrid"}
+    matchers = {"embedding", "signature", "hybrid"}
+    assert {(r["matcher"], r["data"]) for r in res["routing"]} == {(m, d) for m in matchers for d in ("passages", "queries")}
     for r in res["routing"]:
-        assert len(r["confusion"]) == 2 and sum(map(sum, r["confusion"])) == sum(map(len, HELD_OUT.values()))
-        assert 0.0 <= r["ood_detected"] <= 1.0 and 0.0 <= r["false_alarms"] <= 1.0
+        texts = HELD_OUT if r["data"] == "passages" else QUERIES
+        assert len(r["confusion"]) == 2 and sum(map(sum, r["confusion"])) == sum(map(len, texts.values()))
+        assert 0.0 <= r["false_alarms"] <= 1.0
+    assert {d["matcher"] for d in res["detection"]} == matchers
+    for d in res["detection"]:
+        assert set(d["per_kind"]) == set(OOD) and set(d["thresholds"]) == set(HELD_OUT)
+        assert d["caught"] == pytest.approx(sum(d["per_kind"].values()) / len(OOD))
     assert res["overlap"]["labels"] == sorted(HELD_OUT) and res["overlap"]["jaccard"][0][0] == 1.0
     assert any(t["name"].startswith("easyep retention") for t in res["targets"])
 
@@ -90,7 +102,7 @@ def test_report_and_plots_are_written(run):
     for heading in ("## Targets", "## Pruning quality", "## Routing", "## Mask overlap", "## Method"):
         assert heading in text
     assert res["command"].startswith("domex eval --pool") and res["command"] in text
-    for name in ("accuracy_vs_budget.png", "confusion.png", "mask_overlap.png"):
+    for name in ("accuracy_vs_budget.png", "confusion.png", "ood_by_kind.png", "mask_overlap.png"):
         for folder in (out, docs / "results"):
             data = (folder / name).read_bytes()
             assert len(data) > 1000 and data[:8] == b"\x89PNG\r\n\x1a\n", folder / name
@@ -117,3 +129,28 @@ def test_full_model_row_equals_stock_transformers(run):
         assert full["accuracy"] == pytest.approx(correct / n, abs=1e-12)
         assert full["nll"] == pytest.approx(nll / n, rel=1e-5)
         assert full["retention"] == 1.0
+
+
+def test_embedding_figures_equal_matching_each_text_directly(run):
+    """The routing and detection rows recomputed from Matcher.match_many one text at a time."""
+    from domex.runtime.match import Matcher
+    from domex.store.db import Store
+
+    _, _, _, res = run
+    matcher = Matcher(Store.open(res["setup"]["store"], create=False), "embedding")
+    for data, texts in (("passages", HELD_OUT), ("queries", QUERIES)):
+        got = [(d, matcher.match_many([t])[0]) for d, ts in texts.items() for t in ts]
+        row = next(r for r in res["routing"] if r["matcher"] == "embedding" and r["data"] == data)
+        assert row["accuracy"] == pytest.approx(sum(m.domain == d for d, m in got) / len(got))
+        assert row["false_alarms"] == pytest.approx(sum(m.ood for _, m in got) / len(got))
+    detection = next(d for d in res["detection"] if d["matcher"] == "embedding")
+    for kind, texts in OOD.items():
+        assert detection["per_kind"][kind] == pytest.approx(sum(matcher.match_many([t])[0].ood for t in texts) / len(texts))
+
+
+def test_missing_ood_folder_is_a_clear_error(tmp_path):
+    from domex.runtime.evaluate import read_ood
+    from domex.store.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=str(tmp_path / "ood")):
+        read_ood(tmp_path)

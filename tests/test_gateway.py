@@ -66,12 +66,12 @@ def start_gateway(store_dir, upstreams: dict, default: str, port: int):
     import uvicorn
 
     from domex.runtime.gateway import create_app
-    from domex.runtime.match import EmbeddingMatcher
+    from domex.runtime.match import Matcher
     from domex.store.db import Store
 
     store = Store.open(store_dir, create=False)
     config = GatewayConfig(upstreams, default, health_interval=0.5)
-    server = uvicorn.Server(uvicorn.Config(create_app(Gateway(config, EmbeddingMatcher(store)), store),
+    server = uvicorn.Server(uvicorn.Config(create_app(Gateway(config, Matcher(store, "embedding")), store),
                                            host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

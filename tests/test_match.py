@@ -1,25 +1,34 @@
 """Query matching on a real LMDB + FAISS store with real MiniLM embeddings of made-up domains."""
 
+import threading
+
 import numpy as np
 import pytest
 import torch
 
-from domex.runtime.match import EmbeddingMatcher, HybridMatcher, SignatureMatcher, fallback_domains, routing_histogram
+from domex.runtime.match import NEIGHBOURS, QUANTILE, TEXT_WEIGHT, Matcher, fallback_domains, routing_profile
 from domex.store.db import Store
 from domex.store.embed import get_embedder
+from domex.store.errors import EmptyStore
 from domex.store.pattern import Pattern
-from tiny import DOMAINS, QUERIES, UNRELATED, tiny_model, tokens
+from tiny import DOMAINS, QUERIES, UNRELATED, tiny_model, tiny_tokenizer, tokens
+
+FRENCH = [("Comment dit-on bonjour ?", "On dit bonjour le matin et bonsoir le soir."),
+          ("Traduis : the cat sleeps.", "Le chat dort sur le canapé."),
+          ("Où est la gare ?", "La gare est au bout de la rue, à gauche après la boulangerie.")]
 
 
+def pattern(name, demos, num_layers=2, num_experts=8):
+    texts = [d.get("text") or f"{d['prompt']}\n\n{d['response']}" for d in demos]
+    freq = np.random.default_rng(len(name)).random((num_layers, num_experts))
+    return Pattern(name=name, fingerprint="fp-test", scores={"frequency": freq, "easyep": freq}, tokens=100,
+                   demos=demos, embeddings=get_embedder().encode(texts))
 
-def register_all(path, num_layers=2, num_experts=8, scores=None):
+
+def register_all(path):
     store = Store.open(path, fingerprint="fp-test")
-    embedder = get_embedder()
-    rng = np.random.default_rng(0)
-    for i, (name, texts) in enumerate(DOMAINS.items()):
-        freq = scores[name] if scores else rng.random((num_layers, num_experts))
-        store.register(Pattern(name=name, fingerprint="fp-test", scores={"frequency": freq, "easyep": freq},
-                               tokens=100, demos=[{"text": t} for t in texts], embeddings=embedder.encode(texts)))
+    for name, texts in DOMAINS.items():
+        store.register(pattern(name, [{"text": t} for t in texts]))
     return store
 
 
@@ -28,108 +37,144 @@ def store(tmp_path_factory):
     return register_all(tmp_path_factory.mktemp("store"))
 
 
-def test_demos_route_to_their_own_domain_leave_one_out(store):
-    """Each demo, matched against every other demo, lands in its own domain."""
-    results = EmbeddingMatcher(store).leave_one_out()
-    assert len(results) == sum(len(t) for t in DOMAINS.values())
-    hits = sum(true == matched for true, matched, _ in results)
-    assert hits >= len(results) - 1, results  # at most one of 18 short demos strays
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model("qwen3_moe", seed=4)
+
+
+def closest_in(vec, embeddings, skip=None):
+    """Mean cosine of the NEIGHBOURS nearest demos, leaving out demo `skip`: the text check, written out."""
+    sims = sorted((float(vec @ e) for j, e in enumerate(embeddings) if j != skip), reverse=True)
+    return float(np.mean(sims[:NEIGHBOURS]))
+
+
+def test_text_thresholds_are_a_quantile_of_each_domains_leave_one_out(tmp_path):
+    """Every demo, and every chat demo's prompt alone, against the domain's other demos."""
+    store = register_all(tmp_path / "s")
+    store.register(pattern("french", [{"prompt": p, "response": r} for p, r in FRENCH]))
+    views = Matcher(store, "embedding").views(store.snapshot())
+    for j, name in enumerate(views.names):
+        emb = store.get(name).embeddings
+        probes = [closest_in(e, emb, skip=i) for i, e in enumerate(emb)]
+        if name == "french":
+            prompts = get_embedder().encode([p for p, _ in FRENCH])
+            probes += [closest_in(v, emb, skip=i) for i, v in enumerate(prompts)]
+        assert views.text_thresholds[j] == pytest.approx(np.quantile(probes, QUANTILE), abs=1e-5)
+        assert min(probes) <= views.text_thresholds[j] <= np.quantile(probes, 0.5)
+    median = Matcher(store, "embedding", quantile=0.5).views(store.snapshot())
+    assert (median.text_thresholds > views.text_thresholds).all()
 
 
 def test_queries_match_and_unrelated_text_is_out_of_domain(store):
-    matcher = EmbeddingMatcher(store)
-    matches = matcher.match_many(list(QUERIES.values()) + [UNRELATED])
+    matches = Matcher(store, "embedding").match_many(list(QUERIES.values()) + [UNRELATED])
     assert [m.domain for m in matches[:3]] == list(QUERIES)
     assert not any(m.ood for m in matches[:3])
-    assert matches[3].ood and matches[3].similarity == matches[3].ood_similarity < matches[3].threshold
+    assert matches[3].ood and not matches[3].check.passed
+    for m, text in zip(matches, list(QUERIES.values()) + [UNRELATED]):
+        vec, demos = get_embedder().encode([text])[0], store.get(m.domain).embeddings
+        assert m.check.view == "text"
+        assert m.check.similarity == pytest.approx(closest_in(vec, demos), abs=1e-5)
+        assert m.similarity == pytest.approx(max(demos @ vec), abs=1e-5)  # the vote's score: the winner's nearest demo
     assert all(0 < m.margin <= 1.0 for m in matches[:3])
 
 
-def test_threshold_override_and_new_domain_seen_without_restart(store, tmp_path):
-    other = register_all(tmp_path / "s")
-    matcher = EmbeddingMatcher(other, threshold=0.99)
-    assert matcher.match_many([QUERIES["python"]])[0].ood
-    texts = ["Le chat dort sur le canapé.", "Nous allons au marché demain matin.", "Il fait beau à Paris aujourd'hui."]
+def test_each_call_reads_the_snapshot_it_is_given(tmp_path):
+    """A request that took its snapshot before a registration or a deletion is answered from that snapshot."""
+    store = register_all(tmp_path / "s")
+    before = store.snapshot()
     reader = Store.open(tmp_path / "s")  # a second handle, as another process would have
-    Store.open(tmp_path / "s").register(Pattern(name="french", fingerprint="fp-test",
-                                                scores={"frequency": np.ones((2, 8))}, tokens=1,
-                                                demos=[{"text": t} for t in texts], embeddings=get_embedder().encode(texts)))
-    assert EmbeddingMatcher(reader).match_many(["Je voudrais un café, s'il vous plaît."])[0].domain == "french"
+    matcher = Matcher(reader, "embedding")
+    query = "Je voudrais un café, s'il vous plaît, et un croissant."
+    Store.open(tmp_path / "s").register(pattern("french", [{"prompt": p, "response": r} for p, r in FRENCH]))
+    assert matcher.match_many([query])[0].domain == "french"  # seen without a restart
+    assert matcher.match_many([query], snapshot=before)[0].domain != "french"
+    store.delete("football")
+    after = reader.snapshot()
+    assert {m.domain for m in matcher.match_many(list(QUERIES.values()), snapshot=after)} <= set(after.names)
+    assert matcher.match_many([QUERIES["football"]], snapshot=before)[0].domain == "football"
+
+
+def test_an_empty_store_is_a_clear_error(tmp_path):
+    store = Store.open(tmp_path / "empty", fingerprint="fp-test")
+    with pytest.raises(EmptyStore, match="holds no domains"):
+        Matcher(store, "embedding").match_many(["anything"])
 
 
 def test_fallback_policies(store):
-    matcher = EmbeddingMatcher(store)
-    ood = matcher.match_many([UNRELATED])[0]
-    assert fallback_domains(ood, "nearest", store) == [ood.domain]
-    assert fallback_domains(ood, "union", store) == [ood.domain, ood.runner_up]
-    assert sorted(fallback_domains(ood, "general", store)) == sorted(DOMAINS)
-    assert fallback_domains(ood, "full", store) is None
-    inside = matcher.match_many([QUERIES["cooking"]])[0]
-    assert fallback_domains(inside, "union", store) == ["cooking"]
+    snapshot = store.snapshot()
+    matcher = Matcher(store, "embedding")
+    ood = matcher.match_many([UNRELATED], snapshot=snapshot)[0]
+    assert fallback_domains(ood, "nearest", snapshot) == [ood.domain]
+    assert fallback_domains(ood, "union", snapshot) == [ood.domain, ood.runner_up]
+    assert sorted(fallback_domains(ood, "general", snapshot)) == sorted(DOMAINS)
+    assert fallback_domains(ood, "full", snapshot) is None
+    inside = matcher.match_many([QUERIES["cooking"]], snapshot=snapshot)[0]
+    assert fallback_domains(inside, "union", snapshot) == ["cooking"]
     with pytest.raises(ValueError, match="unknown fallback policy 'bogus'; policies: nearest, union, general, full"):
-        fallback_domains(ood, "bogus", store)
+        fallback_domains(ood, "bogus", snapshot)
 
 
-def test_routing_histogram_counts_first_layer_choices():
-    model = tiny_model("qwen3_moe")
+def test_routing_profile_is_the_mean_router_probability_over_real_tokens(model):
     ids = tokens(0, batch=2, length=10)
-    captured = []
+    attention = torch.ones_like(ids)
+    attention[1, 6:] = 0  # the second row is right-padded
+    inputs = []
     gate = model.model.layers[0].mlp.gate
-    handle = gate.register_forward_hook(lambda m, a, out: captured.append(out[2]))
-    model(ids)
+    handle = gate.register_forward_pre_hook(lambda m, a: inputs.append(a[0].detach()))
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=attention)
     handle.remove()
-    expected = np.stack([np.bincount(captured[0].reshape(2, 10, -1)[q].flatten().numpy(), minlength=8) / 20 for q in range(2)])
-    np.testing.assert_allclose(routing_histogram(model, ids), expected, atol=1e-6)
+    probs = torch.softmax(inputs[0].reshape(2, 10, -1) @ gate.weight.detach().T, dim=-1)  # [Q, T, E], qwen3_moe's softmax router
+    expected = np.stack([probs[0].mean(0).numpy(), probs[1, :6].mean(0).numpy()])
+    np.testing.assert_allclose(routing_profile(model, ids, attention), expected, atol=1e-5)
 
 
-@pytest.fixture(scope="module")
-def signature_store(tmp_path_factory):
-    """Domains whose stored first-layer histograms are the real histograms of their demos."""
-    from tiny import tiny_tokenizer
-
+def test_signature_matcher_compares_with_the_demos_summed_profiles(store, model):
     tokenizer = tiny_tokenizer()
-    model = tiny_model("qwen3_moe", seed=4)
-    sigs = {}
-    for name, texts in DOMAINS.items():
-        batch = tokenizer(texts, return_tensors="pt", padding=True)
-        hist = routing_histogram(model, batch["input_ids"], batch["attention_mask"]).mean(0)
-        sigs[name] = np.stack([hist, hist])
-    return register_all(tmp_path_factory.mktemp("sig"), scores=sigs), model, tokenizer
-
-
-def test_signature_matcher_picks_the_domain_whose_histogram_is_closest(signature_store):
-    store, model, tokenizer = signature_store
-    matcher = SignatureMatcher(store, model, tokenizer)
+    matcher = Matcher(store, "signature", model=model, tokenizer=tokenizer)
+    views = matcher.views(store.snapshot())
+    for j, name in enumerate(views.names):
+        batch = tokenizer(DOMAINS[name], return_tensors="pt", padding=True)
+        profiles = routing_profile(model, batch["input_ids"], batch["attention_mask"])  # [N, E]
+        total = profiles.sum(0)
+        np.testing.assert_allclose(views.signatures[j], total / np.linalg.norm(total), atol=1e-5)
+        loo = [h @ (total - h) / np.linalg.norm(h) / np.linalg.norm(total - h) for h in profiles]
+        assert views.routing_thresholds[j] == pytest.approx(np.quantile(loo, QUANTILE), abs=1e-5)
     texts = [t for ts in DOMAINS.values() for t in ts]
     truth = [name for name, ts in DOMAINS.items() for _ in ts]
     matches = matcher.match_many(texts)
     hits = sum(m.domain == t for m, t in zip(matches, truth))
     print(f"signature matcher: {hits}/{len(texts)} demos matched to their own domain")
     assert hits >= 0.6 * len(texts)  # chance is 1/3 on a random tiny model
-    assert all(m.matcher == "signature" and m.margin >= 0 for m in matches)
+    assert all(m.matcher == "signature" and m.margin >= 0 and m.check.view == "routing" for m in matches)
+    for m in matches:  # its check: the routing cosine, against the domain's own threshold
+        assert m.check.threshold == pytest.approx(views.routing_thresholds[views.names.index(m.domain)])
 
 
-def test_hybrid_adds_text_and_routing_views_and_flags_by_routing(signature_store):
-    store, model, tokenizer = signature_store
-    hybrid = HybridMatcher(store, model, tokenizer)
+def test_hybrid_weighs_text_and_routing_and_checks_the_text_view(store, model):
+    tokenizer = tiny_tokenizer()
+    hybrid = Matcher(store, "hybrid", model=model, tokenizer=tokenizer)
+    views = hybrid.views(store.snapshot())
     queries = list(QUERIES.values()) + [UNRELATED]
-    names, routing, threshold = SignatureMatcher(store, model, tokenizer).similarities(queries)  # [Q, n]
+    batch = tokenizer(queries, return_tensors="pt", padding=True)
+    profiles = routing_profile(model, batch["input_ids"], batch["attention_mask"])
+    routing = profiles / np.linalg.norm(profiles, axis=1, keepdims=True) @ views.signatures.T  # [Q, n]
     vecs = get_embedder().encode(queries)
-    text = np.stack([[float(v @ (c := get_embedder().encode(DOMAINS[n]).mean(0)) / np.linalg.norm(c)) for n in names]
-                     for v in vecs])  # [Q, n]: cosine with each domain's mean demo embedding
-    expected = (text + routing) / 2
+    centroids = np.stack([store.get(n).embeddings.mean(0) for n in views.names])
+    text = vecs @ (centroids / np.linalg.norm(centroids, axis=1, keepdims=True)).T  # [Q, n]
+    expected = TEXT_WEIGHT * text + (1 - TEXT_WEIGHT) * routing
     for q, m in enumerate(hybrid.match_many(queries)):
         best = int(np.argmax(expected[q]))
-        assert m.domain == names[best] and m.matcher == "hybrid"
+        assert m.domain == views.names[best] and m.matcher == "hybrid"
         assert m.similarity == pytest.approx(expected[q, best], abs=1e-5)
-        assert m.ood == bool(routing[q].max() < threshold) and m.ood_similarity == pytest.approx(routing[q].max())
+        assert m.check.view == "text" and m.check.threshold == pytest.approx(views.text_thresholds[best])
+        assert m.check.similarity == pytest.approx(closest_in(vecs[q], store.get(m.domain).embeddings), abs=1e-5)
+        assert m.ood == (m.check.similarity < m.check.threshold)
     assert [m.domain for m in hybrid.match_many(list(QUERIES.values()))] == list(QUERIES)
 
 
-def test_routing_histogram_leaves_other_threads_forward_alone():
+def test_routing_profile_leaves_other_threads_forward_alone():
     """The server generates on one thread while matching runs on another, with the same model."""
-    import threading
-
     model = tiny_model("qwen3_moe", seed=5)
     ids = tokens(1, batch=1, length=16)
     with torch.no_grad():
@@ -145,7 +190,7 @@ def test_routing_histogram_leaves_other_threads_forward_alone():
     worker.start()
     try:
         for _ in range(20):
-            routing_histogram(model, tokens(2, batch=2, length=8))
+            routing_profile(model, tokens(2, batch=2, length=8))
     finally:
         stop.set()
         worker.join()

@@ -1,0 +1,66 @@
+"""`domex route`: batch routing from the CLI on a real pool and store, one JSON decision per query line."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from domex.runtime.cli import main
+from domex.runtime.indexer import register
+from domex.runtime.match import Matcher
+from domex.runtime.pool import build
+from domex.store.db import Store
+from domex.store.demos import Demo
+from tiny import DOMAINS, QUERIES, UNRELATED, tiny_checkpoint
+
+TEXTS = [QUERIES["cooking"], QUERIES["python"].replace("\n    ", " "), UNRELATED]  # one line each
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("route")
+    model = tiny_checkpoint(root / "model")
+    build(model, root / "pool", progress=False)
+    for name in ("cooking", "python", "football"):
+        register(root / "pool", root / "store", name, [Demo.from_json({"text": t}) for t in DOMAINS[name]], progress=False)
+    return root
+
+
+def route(capsys, *argv):
+    rc = main(["route", *argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_each_line_is_the_hybrid_decision_of_the_stock_model(setup, capsys, tmp_path):
+    """Blank lines are skipped but counted: `line` names the line of the file each decision is for."""
+    queries = tmp_path / "queries.txt"
+    queries.write_text(f"{TEXTS[0]}\n\n{TEXTS[1]}\n{TEXTS[2]}\n")
+    rc, out, _ = route(capsys, "--store", str(setup / "store"), "--pool", str(setup / "pool"), "--file", str(queries), "--json")
+    assert rc == 0
+    got = [json.loads(line) for line in out.splitlines()]
+    assert [g["line"] for g in got] == [1, 3, 4]
+    stock = AutoModelForCausalLM.from_pretrained(setup / "model", dtype=torch.float32).eval()
+    expected = Matcher(Store.open(setup / "store", create=False), "hybrid", model=stock,
+                       tokenizer=AutoTokenizer.from_pretrained(setup / "model")).match_many(TEXTS)
+    for g, e in zip(got, expected):
+        assert g["domain"] == e.domain and g["ood"] == e.ood and g["matcher"] == "hybrid"
+        assert g["similarity"] == pytest.approx(e.similarity, abs=1e-5)
+    assert got[0]["domain"] == "cooking" and got[1]["domain"] == "python" and got[2]["ood"]
+
+
+def test_jsonl_reads_the_text_field_and_a_bad_line_names_file_and_line(setup, capsys, tmp_path):
+    good = tmp_path / "q.jsonl"
+    good.write_text(json.dumps({"text": TEXTS[1], "id": 7}) + "\n")
+    rc, out, _ = route(capsys, "--store", str(setup / "store"), "--matcher", "embedding", "--file", str(good), "--json")
+    assert rc == 0 and json.loads(out)["domain"] == "python"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"text": TEXTS[0]}) + "\n" + json.dumps({"prompt": "no text"}) + "\n")
+    rc, out, err = route(capsys, "--store", str(setup / "store"), "--matcher", "embedding", "--file", str(bad), "--json")
+    assert rc == 2 and out == "" and f"{bad}:2" in err and "'text'" in err
+
+
+def test_the_default_matcher_without_a_pool_is_a_clear_error(setup, capsys):
+    rc, out, err = route(capsys, "--store", str(setup / "store"), TEXTS[0])
+    assert rc == 2 and out == "" and "--pool" in err
