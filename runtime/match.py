@@ -38,7 +38,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from domex.store.db import Snapshot, Store
+from domex.store.db import PerGeneration, Snapshot, Store
+from domex.store.demos import Demo
 from domex.store.embed import get_embedder
 from domex.store.errors import ConfigError, EmptyStore
 from domex.store.index import DemoIndex
@@ -119,6 +120,14 @@ def calibrate(similarities: list[float], quantile: float) -> float:
     return float(np.quantile(similarities, quantile)) if similarities else float("-inf")
 
 
+def leave_one_out(own: np.ndarray, prompts: np.ndarray, owners: list[int], score) -> list[float]:
+    """score(x, the other demos' rows) of each demo [N, X], then of each chat prompt [P, X] (owners: its demo)."""
+    if len(own) < 2:
+        return []
+    rows = [*enumerate(own), *zip(owners, prompts)]
+    return [score(x, np.delete(np.arange(len(own)), i)) for i, x in rows]
+
+
 class _StopForward(Exception):
     """Raised by the routing hook once the first MoE layer's router has run: the rest is not needed."""
 
@@ -176,8 +185,7 @@ class Matcher:
         self.tokenizer = copy.deepcopy(tokenizer)  # padding/truncation are tokenizer state: ours alone
         self.embedder = get_embedder()
         self.index = DemoIndex(store)
-        self._views: dict[int, Views] = {}  # generation -> views, the two newest
-        self._lock = threading.Lock()
+        self._views = PerGeneration(self._build)
         self._tokenizer_lock = threading.Lock()
 
     # -- the query's views ---------------------------------------------------------------------
@@ -212,13 +220,7 @@ class Matcher:
     # -- per snapshot ----------------------------------------------------------------------------
 
     def views(self, snapshot: Snapshot) -> Views:
-        if snapshot.generation not in self._views:
-            with self._lock:
-                if snapshot.generation not in self._views:
-                    views = self._build(snapshot)
-                    self._views = {g: v for g, v in self._views.items() if g > snapshot.generation - 2}
-                    self._views[snapshot.generation] = views
-        return self._views[snapshot.generation]
+        return self._views.get(snapshot)
 
     def _build(self, snapshot: Snapshot) -> Views:
         """Centroids, signatures and per-domain thresholds by leave-one-out over each domain's demos."""
@@ -228,25 +230,20 @@ class Matcher:
         centroids, text_thr, signatures, routing_thr = [], [], [], []
         for name in names:
             p = snapshot.get(name)
-            chats = [(i, d["prompt"]) for i, d in enumerate(p.demos) if "prompt" in d]  # a request alone: a probe
-            others = [np.delete(np.arange(len(p.demos)), i) for i in range(len(p.demos))]  # each demo's fellow demos
+            demos = [Demo.from_json(d) for d in p.demos]
+            chats = [i for i, d in enumerate(demos) if d.is_chat]  # a request alone is a probe too
+            prompts = [demos[i].prompt for i in chats]
             centroids.append(unit(p.embeddings.mean(axis=0)))
-            if self.check == "text" and len(p.demos) > 1:
-                sims = p.embeddings @ p.embeddings.T  # [N, N]
-                prompts = self.embedder.encode([t for _, t in chats]) @ p.embeddings.T  # [P, N]
-                probes = [closest(row[others[i]]) for i, row in enumerate(sims)]
-                probes += [closest(row[others[i]]) for (i, _), row in zip(chats, prompts)]
+            if self.check == "text":
+                probes = leave_one_out(p.embeddings, self.embedder.encode(prompts), chats,
+                                       lambda x, rest: closest(p.embeddings[rest] @ x))
                 text_thr.append(calibrate(probes, self.quantile))
-            elif self.check == "text":
-                text_thr.append(float("-inf"))
             if self.uses_routing:
-                texts = [d.get("text") or f"{d['prompt']}\n\n{d['response']}" for d in p.demos]
-                demos = self.profiles(texts)  # [N, E]
-                signatures.append(unit(demos.sum(axis=0)))
+                profiles = self.profiles([d.text for d in demos])  # [N, E]
+                signatures.append(unit(profiles.sum(axis=0)))
             if self.check == "routing":
-                prompts = self.profiles([t for _, t in chats]) if chats else demos[:0]  # [P, E]
-                probes = [float(unit(h) @ unit(demos[others[i]].sum(axis=0))) for i, h in enumerate(demos) if len(demos) > 1]
-                probes += [float(unit(h) @ unit(demos[others[i]].sum(axis=0))) for (i, _), h in zip(chats, prompts) if len(demos) > 1]
+                probes = leave_one_out(profiles, self.profiles(prompts) if prompts else profiles[:0], chats,
+                                       lambda h, rest: float(unit(h) @ unit(profiles[rest].sum(axis=0))))
                 routing_thr.append(calibrate(probes, self.quantile))
         return Views(snapshot.generation, names, np.stack(centroids), np.array(text_thr) if text_thr else None,
                      np.stack(signatures) if signatures else None, np.array(routing_thr) if routing_thr else None)

@@ -79,6 +79,35 @@ class Snapshot:
         return labels, (np.concatenate(blocks) if blocks else np.zeros((0, 0), dtype=np.float32))
 
 
+class PerGeneration:
+    """What a reader derives from a snapshot (an index, thresholds), built once per generation.
+
+    The newest two generations are kept: a request still on the older snapshot while a registration
+    lands gets its own. Reads take no lock; a build holds it, so a generation is built once.
+    """
+
+    def __init__(self, build: Callable[[Snapshot], object]):
+        self.build = build
+        self._built: dict[int, object] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def newest(self) -> int:
+        """The newest generation built; -1 before the first."""
+        return max(self._built, default=-1)
+
+    def get(self, snapshot: Snapshot):
+        built = self._built.get(snapshot.generation)
+        if built is not None:
+            return built
+        with self._lock:
+            built = self._built.get(snapshot.generation)
+            if built is None:
+                built = self.build(snapshot)
+                self._built = {g: b for g, b in self._built.items() if g > snapshot.generation - 2} | {snapshot.generation: built}
+        return built
+
+
 def _json(obj) -> bytes:
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
 

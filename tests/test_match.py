@@ -8,6 +8,7 @@ import torch
 
 from domex.runtime.match import NEIGHBOURS, QUANTILE, TEXT_WEIGHT, Matcher, fallback_domains, routing_profile
 from domex.store.db import Store
+from domex.store.demos import Demo
 from domex.store.embed import get_embedder
 from domex.store.errors import EmptyStore
 from domex.store.pattern import Pattern
@@ -19,7 +20,7 @@ FRENCH = [("Comment dit-on bonjour ?", "On dit bonjour le matin et bonsoir le so
 
 
 def pattern(name, demos, num_layers=2, num_experts=8):
-    texts = [d.get("text") or f"{d['prompt']}\n\n{d['response']}" for d in demos]
+    texts = [Demo.from_json(d).text for d in demos]
     freq = np.random.default_rng(len(name)).random((num_layers, num_experts))
     return Pattern(name=name, fingerprint="fp-test", scores={"frequency": freq, "easyep": freq}, tokens=100,
                    demos=demos, embeddings=get_embedder().encode(texts))

@@ -211,6 +211,25 @@ def test_index_follows_the_store(tmp_path):
     assert stale.search(c.embeddings, 1)[1] == labels and stale.rebuilds == 1
 
 
+
+def test_each_search_is_answered_at_its_snapshot(tmp_path):
+    """A request still holding an older snapshot while a domain lands sees that snapshot's demos,
+    and switching between the two generations rebuilds nothing."""
+    store = Store.open(tmp_path / "s", fingerprint=FP)
+    a, b = make_pattern("alpha", 1, n=3), make_pattern("beta", 2, n=4)
+    store.register(a)
+    old = store.snapshot()
+    store.register(b)
+    new = store.snapshot()
+    index = DemoIndex(store)
+    assert {x for row in index.search(b.embeddings, 1, new)[1] for x in row} == {"beta"}
+    assert {x for row in index.search(b.embeddings, 1, old)[1] for x in row} == {"alpha"}
+    rebuilds = index.rebuilds
+    assert {x for row in index.search(b.embeddings, 1, new)[1] for x in row} == {"beta"}
+    assert {x for row in index.search(b.embeddings, 1, old)[1] for x in row} == {"alpha"}
+    assert index.rebuilds == rebuilds and index.generation == new.generation
+    assert json.loads((store.path / "index.json").read_text())["generation"] == new.generation  # old not saved over new
+
 def test_empty_store_and_bad_queries(tmp_path):
     store = Store.open(tmp_path / "s", fingerprint=FP)
     with pytest.raises(EmptyStore, match="register a domain first"):
