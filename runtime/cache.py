@@ -46,18 +46,19 @@ class ExpertCache:
       last_used[l]  [S] int    value of `clock` when the slot's expert was last needed
 
     Reads are preadv from the pool straight into the slot rows on CPU; on CUDA into a pinned
-    staging buffer (two halves, so reading one half overlaps the async copy of the other).
+    staging buffer (two halves, so reading one half overlaps the async copy of the other). Slots in
+    another dtype than the pool's (a compute dtype) also go through staging: the copy converts.
     Counters: hits (needed and already resident), misses (loaded), bytes_loaded.
     """
 
     def __init__(self, pool: Pool, slots: int, device: str | torch.device = "cpu", *, budget: Budget | None = None,
-                 staging_bytes: int = 64 << 20):
+                 dtype: torch.dtype | None = None, staging_bytes: int = 64 << 20):
         m = pool.manifest
         if slots < m.top_k or slots > m.num_experts:
             raise CacheTooSmall(f"the expert cache needs between top_k={m.top_k} and E={m.num_experts} slots per layer, "
                                 f"got {slots}; change the budget (--budget)")
         self.pool, self.num_slots, self.device, self.budget = pool, slots, dev.resolve(device), budget
-        self.slots = [pool.expert_buffers(slots, self.device) for _ in range(m.num_layers)]  # [L] {param: [S, ...]}
+        self.slots = [pool.expert_buffers(slots, self.device, dtype) for _ in range(m.num_layers)]  # [L] {param: [S, ...]}
         self.slot_of = [torch.full((m.num_experts,), -1, dtype=torch.long, device=self.device)
                         for _ in range(m.num_layers)]  # [L] [E]
         self._slot_of = [[-1] * m.num_experts for _ in range(m.num_layers)]  # host mirror
@@ -67,23 +68,25 @@ class ExpertCache:
         self.hits = self.misses = self.bytes_loaded = 0
         self.last_report: LoadReport | None = None
         self._staging = None
-        if dev.needs_staging(self.device):
+        converts = any(dtype not in (None, dtype_of(p.dtype)) for p in m.expert_params)
+        if dev.needs_staging(self.device) or converts:
             per_half = max(1, staging_bytes // (2 * m.expert_bytes))
-            self._staging = dev.pinned_bytes(2 * per_half * m.expert_bytes).view(2, per_half, m.expert_bytes)
+            self._staging = dev.staging_bytes(2 * per_half * m.expert_bytes, self.device).view(2, per_half, m.expert_bytes)
             self._fences = [dev.Fence(self.device), dev.Fence(self.device)]
 
     @classmethod
-    def from_budget(cls, pool: Pool, budget: Budget | str | None, device: str | torch.device = "cpu") -> "ExpertCache":
+    def from_budget(cls, pool: Pool, budget: Budget | str | None, device: str | torch.device = "cpu",
+                    dtype: torch.dtype | None = None) -> "ExpertCache":
         """Slots per layer from a budget (fraction of E, experts per layer, or bytes over all layers); None = all E."""
         m = pool.manifest
         if budget is None:
-            return cls(pool, m.num_experts, device)
+            return cls(pool, m.num_experts, device, dtype=dtype)
         budget = budget if isinstance(budget, Budget) else Budget.parse(budget)
         slots = budget.experts_per_layer(m.num_layers, m.num_experts, m.expert_bytes, m.top_k)
-        return cls(pool, slots, device, budget=budget)
+        return cls(pool, slots, device, budget=budget, dtype=dtype)
 
-    def make_resident(self, mask: Mask) -> LoadReport:
-        """Make every expert of the mask resident, reading only the missing ones; raise before reading if one layer cannot fit."""
+    def check_fits(self, mask: Mask) -> None:
+        """Raise CacheTooSmall (naming the layer and the budget to ask for) when the mask cannot be resident at all."""
         m = self.pool.manifest
         mask.check(m.num_layers, m.num_experts, m.top_k)
         for l, kept in enumerate(mask.layers):
@@ -94,6 +97,10 @@ class ExpertCache:
                     f"the mask keeps {len(kept)} experts in MoE layer {l} (decoder layer {m.moe_layers[l]}) but the expert "
                     f"cache has S={self.num_slots} slots per layer{budget}; raise the budget to at least {biggest} experts "
                     f"per layer (--budget {biggest}, or Engine.open(budget={biggest})), or use a smaller mask")
+
+    def make_resident(self, mask: Mask) -> LoadReport:
+        """Make every expert of the mask resident, reading only the missing ones; raise before reading if one layer cannot fit."""
+        self.check_fits(mask)
         start = time.perf_counter()
         self.clock += 1
         jobs, reused, evicted = [], 0, 0

@@ -64,6 +64,12 @@ def add_serve(sub) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="auto", help="compute dtype: auto (the checkpoint's on GPU, float32 on CPU), "
+                   "float32 or bfloat16")
+    p.add_argument("--scheduler", default="continuous", help="continuous (rows join and leave at every decode step, "
+                   "each under its own mask) or static (the old batches under their masks' union; a baseline)")
+    p.add_argument("--max-batch", type=int, default=8, help="most requests decoded together")
+    p.add_argument("--max-waiting", type=int, default=64, help="most requests waiting to be admitted; more get 429")
     p.add_argument("--admin-token", help="when set, POST/DELETE /v1/domains need 'Authorization: Bearer TOKEN'")
     p.add_argument("--max-tokens", type=int, default=512, help="largest max_tokens a request may ask for")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body, counted as it arrives")

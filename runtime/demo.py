@@ -70,7 +70,7 @@ def run(args) -> int:
     from .indexer import context_length, register
     from .match import make_matcher
     from .pool import MANIFEST, build
-    from .serving import MaskBook
+    from .selection import MaskBook
 
     start = time.perf_counter()
     work = Path(args.work)

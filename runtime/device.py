@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from domex.store.errors import ConfigError
+
 
 def resolve(device: str | torch.device) -> torch.device:
     """A torch.device, refusing an accelerator this machine does not have (with what to pass instead)."""
@@ -29,6 +31,25 @@ def needs_staging(device: torch.device) -> bool:
 def pinned_bytes(nbytes: int) -> torch.Tensor:
     """A page-locked host buffer of nbytes (uint8): DMA-able, so device copies from it can be async."""
     return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+
+
+def staging_bytes(nbytes: int, device: torch.device) -> torch.Tensor:
+    """Host bytes that pool reads land in before a copy into the slots: pinned for an accelerator."""
+    return pinned_bytes(nbytes) if needs_staging(device) else torch.empty(nbytes, dtype=torch.uint8)
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def compute_dtype(name: str, device: torch.device, checkpoint: torch.dtype) -> torch.dtype:
+    """The dtype a model computes in. 'auto': the checkpoint's on an accelerator; float32 on CPU, where
+    half-precision matmuls without native support run several times slower (8x measured on this
+    project's 2-core x86 machine) and padding alone changes bf16 results (so batches differ from solo runs)."""
+    if name == "auto":
+        return checkpoint if needs_staging(device) else torch.float32
+    if name not in DTYPES:
+        raise ConfigError(f"unknown dtype {name!r}; use auto or one of {', '.join(DTYPES)} (--dtype)")
+    return DTYPES[name]
 
 
 class Fence:

@@ -22,8 +22,8 @@ from domex.store.mask import Mask
 
 from . import device as dev
 from .cache import ExpertCache, LoadReport
-from .pool import Pool, load_skeleton, open_pool
-from .routing import SOFTMAX_MODES, restrict_router
+from .pool import Pool, dtype_of, load_skeleton, open_pool
+from .routing import SOFTMAX_MODES, allow_rows, restrict_router
 
 
 @dataclass(frozen=True)
@@ -52,10 +52,11 @@ class Engine:
 
     @classmethod
     def open(cls, pool: Pool | str | Path, *, budget: Budget | str | None = None, device: str | torch.device = "cpu",
-             mode: str = "renormalize", fingerprint: str | None = None) -> "Engine":
+             mode: str = "renormalize", fingerprint: str | None = None, dtype: str | torch.dtype | None = None) -> "Engine":
         """Open a pool for serving. budget: slots per layer (fraction of E, count, or bytes; None = all E).
 
         `fingerprint`, when given, must be the pool's (e.g. the store's): another model's is refused.
+        `dtype`: the compute dtype (None: the checkpoint's; 'auto', 'float32', 'bfloat16': see device.compute_dtype).
         """
         if mode not in SOFTMAX_MODES:
             raise ValueError(f"unknown softmax restriction mode {mode!r}; use one of {SOFTMAX_MODES}")
@@ -64,8 +65,10 @@ class Engine:
             if fingerprint is not None:
                 pool.check_fingerprint(fingerprint, "the given fingerprint")
             device = dev.resolve(device)
-            cache = ExpertCache.from_budget(pool, budget, device)
-            model = load_skeleton(pool, device)
+            if isinstance(dtype, str):
+                dtype = dev.compute_dtype(dtype, device, dtype_of(pool.manifest.expert_params[0].dtype))
+            cache = ExpertCache.from_budget(pool, budget, device, dtype)
+            model = load_skeleton(pool, device, dtype)
         except BaseException:
             pool.close()
             raise
@@ -85,6 +88,16 @@ class Engine:
         self.mask = mask
         self.loads += 1
         return report
+
+    def allow_rows(self, masks: list[Mask]) -> None:
+        """Route batch row b among masks[b]'s experts only, as if it ran alone; all must be resident (ensure their union)."""
+        blocks = self.pool.adapter.moe_blocks(self.model)
+        E = self.pool.manifest.num_experts
+        for l, (_, block) in enumerate(blocks):
+            allowed = torch.zeros(len(masks), E, dtype=torch.bool)  # [B, E]
+            for b, mask in enumerate(masks):
+                allowed[b, list(mask.layers[l])] = True
+            allow_rows(self.pool.adapter.router(block), allowed)
 
     def _use(self, mask: Mask | None) -> None:
         if mask is not None and mask != self.mask:

@@ -526,9 +526,10 @@ class Pool:
                 f"{what} was made for model fingerprint {expected[:12]}..., the pool {self.dir} holds "
                 f"{self.fingerprint[:12]}...; use the pool built from the same model, or re-register the domains on this one")
 
-    def expert_buffers(self, count: int, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-        """Empty [count, ...] tensors for every expert parameter, in the pool's dtypes."""
-        return {p.name: torch.empty((count, *p.shape), dtype=dtype_of(p.dtype), device=device)
+    def expert_buffers(self, count: int, device: torch.device | str = "cpu",
+                       dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """Empty [count, ...] tensors for every expert parameter, in the pool's dtypes (or `dtype`)."""
+        return {p.name: torch.empty((count, *p.shape), dtype=dtype or dtype_of(p.dtype), device=device)
                 for p in self.manifest.expert_params}
 
     def read_into(self, l: int, e: int, buffers: list[torch.Tensor]) -> int:
@@ -594,11 +595,12 @@ def open_pool(pool: "Pool | str | Path") -> Pool:
     return pool if isinstance(pool, Pool) else Pool(pool)
 
 
-def load_skeleton(pool: Pool, device: torch.device | str = "cpu") -> torch.nn.Module:
+def load_skeleton(pool: Pool, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> torch.nn.Module:
     """The model with every non-expert weight loaded and the routed expert parameters still on meta.
 
     Non-persistent buffers (rotary inv_freq) are not in the pool: they are recomputed by building
-    their module again on the real device from its config.
+    their module again on the real device from its config. `dtype` casts the floating parameters
+    (compute dtype); buffers keep theirs (inv_freq and correction biases stay fp32).
     """
     model = meta_model(pool.manifest.config)
     model.config.output_router_logits = False  # the training-only aux loss needs all experts and breaks padded batches
@@ -619,12 +621,17 @@ def load_skeleton(pool: Pool, device: torch.device | str = "cpu") -> torch.nn.Mo
                 module._buffers[b] = fresh._buffers[b]
     left = [n for n, p in model.named_parameters() if p.is_meta and n not in experts]
     assert not left, f"parameters not loaded from the pool: {left[:5]}"
-    for module in pool.manifest.experts_module:  # still on meta: give them the pool's dtypes
+    if dtype is not None:
+        for p in model.parameters():
+            if p.is_floating_point() and not p.is_meta:
+                p.data = p.data.to(dtype)
+        model.config.dtype = dtype
+    for module in pool.manifest.experts_module:  # still on meta: give them the pool's dtypes (or the compute dtype)
         experts_module = model.get_submodule(module)
         for p in pool.manifest.expert_params:
             shape = getattr(experts_module, p.name).shape
-            setattr(experts_module, p.name, torch.nn.Parameter(torch.empty(shape, dtype=dtype_of(p.dtype), device="meta"),
-                                                               requires_grad=False))
+            meta = torch.empty(shape, dtype=dtype or dtype_of(p.dtype), device="meta")
+            setattr(experts_module, p.name, torch.nn.Parameter(meta, requires_grad=False))
     return model.eval()
 
 

@@ -30,8 +30,8 @@ def error_body(status: int, message: str, code: str) -> dict:
     return {"error": {"message": message, "type": kind, "code": code}}
 
 
-def error_response(status: int, message: str, code: str) -> JSONResponse:
-    return JSONResponse(error_body(status, message, code), status_code=status)
+def error_response(status: int, message: str, code: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse(error_body(status, message, code), status_code=status, headers=headers)
 
 
 def error_code(exc: Exception) -> str:
@@ -140,7 +140,8 @@ def install_error_handlers(app, rewrite=lambda message: message, record=None) ->
         status, message, code = error_shape(exc)
         if record is not None:
             record(request, status)
-        return error_response(status, rewrite(message), code)
+        retry = getattr(exc, "retry_after", None)  # Overloaded (429): when to come back
+        return error_response(status, rewrite(message), code, {"Retry-After": str(retry)} if retry else None)
 
     for kind in (DomexError, RequestValidationError, HTTPException, Exception):
         app.add_exception_handler(kind, handle)

@@ -59,7 +59,7 @@ class RouterConfig:
 
 def route(logits: torch.Tensor, allowed: torch.Tensor, cfg: RouterConfig, *, bias: torch.Tensor | None = None,
           mode: str = "renormalize") -> tuple[torch.Tensor, torch.Tensor]:
-    """Weights [T, k] and expert ids [T, k] over the allowed experts only. logits: [T, E], allowed: [E] bool."""
+    """Weights [T, k] and expert ids [T, k] over the allowed experts only. logits: [T, E], allowed: [E] or [T, E] bool."""
     if cfg.rule is RoutingRule.SOFTMAX_TOPK:
         return _softmax_topk(logits, allowed, cfg, mode)
     if cfg.rule is RoutingRule.SIGMOID_BIAS_GROUPED:
@@ -132,7 +132,10 @@ def _restricted_forward(self, hidden_states):
     """Replaces a stock router's forward; returns what the stock router returns: (logits, weights, ids)."""
     cfg: RouterConfig = self.domex_config
     logits = router_logits(self, hidden_states, cfg)  # [T, E]
-    weights, ids = route(logits, self.domex_allowed, cfg, bias=getattr(self, "e_score_correction_bias", None),
+    allowed = self.domex_allowed  # [E], or [B, E]: one mask per batch row
+    if allowed.dim() == 2:  # the block flattened [B, S, H] row-major: token (b, s) is row b*S + s
+        allowed = allowed.repeat_interleave(logits.shape[0] // allowed.shape[0], dim=0)  # [T, E]
+    weights, ids = route(logits, allowed, cfg, bias=getattr(self, "e_score_correction_bias", None),
                          mode=self.domex_mode)
     slots = self.domex_slot_of[ids]  # [T, k]
     assert bool((slots >= 0).all()), "a selected expert is not resident"
@@ -156,6 +159,11 @@ def restrict_router(router: torch.nn.Module, cfg: RouterConfig, kept: tuple[int,
     router.domex_config = cfg
     router.domex_mode = mode
     router.forward = types.MethodType(_restricted_forward, router)
+
+
+def allow_rows(router: torch.nn.Module, allowed: torch.Tensor) -> None:
+    """Give each batch row its own allowed experts: allowed [B, E] bool (or [E] for all rows) on a restricted router."""
+    router.domex_allowed = allowed.to(router.weight.device)
 
 
 def unrestrict_router(router: torch.nn.Module) -> None:

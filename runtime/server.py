@@ -1,9 +1,11 @@
 """HTTP server: OpenAI-compatible completions and chat, domain registration while serving, metrics.
 
-A request's path: route (validate, tokenise, check the prompt fits) -> one store snapshot ->
-match (or the forced domain) -> fallback policy -> mask (MaskBook) -> Scheduler (make resident,
-restricted generate) -> tokens back, streamed as SSE or at once. The snapshot is the only view of
-the store a request has, so a domain registered or deleted meanwhile never half-changes it.
+A request's path: route (validate, tokenise, check the prompt fits) -> selection (one store
+snapshot -> match or the forced domain -> fallback policy -> mask) -> scheduler (waits for its
+experts to fit next to the running rows', joins the running batch, decodes restricted to its own
+mask) -> tokens back, streamed as SSE or at once. The snapshot is the only view of the store a
+request has, so a domain registered or deleted meanwhile never half-changes it. A full waiting
+queue answers 429 with Retry-After.
 
 Every error has one shape (protocol.error_response); client-facing messages name store and pool
 files relative to their folders' parents, never by absolute server path. Admin routes check the
@@ -33,13 +35,13 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from domex.store.db import Store
-from domex.store.errors import BadRequest, ConfigError, PromptTooLong, Unauthorized, UnknownDomain
+from domex.store.errors import BadRequest, ConfigError, PromptTooLong, Unauthorized
 from domex.store.pattern import check_name
 
-from .match import fallback_domains
 from .protocol import (ChatCompletionRequest, CompletionRequest, DomainRequest, completion_body, error_body, error_shape,
                        install_error_handlers, new_id)
-from .serving import Job, MaskBook, Scheduler
+from .selection import Selector, ServeConfig
+from .serving import SCHEDULERS, Job
 
 log = logging.getLogger("domex.server")
 ENDPOINTS = {"/v1/completions": "completions", "/v1/chat/completions": "chat"}
@@ -57,7 +59,7 @@ class Metrics:
         self.requests = Counter("domex_requests", "Requests served", ["endpoint", "status"], registry=r)
         self.matches = Counter("domex_domain_matches", "Requests per matched domain", ["domain", "ood"], registry=r)
         self.match_errors = Counter("domex_match_errors", "Requests whose matching raised", registry=r)
-        self.switches = Counter("domex_switches", "Batches that loaded at least one expert", registry=r)
+        self.switches = Counter("domex_switches", "Admissions that loaded at least one expert", registry=r)
         self.bytes_loaded = Counter("domex_bytes_loaded", "Expert bytes copied from the pool", registry=r)
         self.resident = Gauge("domex_resident_bytes", "Routed expert bytes resident now", registry=r)
         self.latency = Histogram("domex_request_seconds", "Request latency", ["endpoint"], registry=r)
@@ -69,10 +71,9 @@ class Metrics:
 class ServerState:
     engine: object
     store: Store
-    matcher: object
-    masks: MaskBook
+    selector: Selector
     model_name: str
-    policy: str = "nearest"
+    config: ServeConfig = field(default_factory=ServeConfig)
     register_domain: object = None  # callable(name, demos, replace) -> Pattern; None disables POST /v1/domains
     admin_token: str | None = None
     max_tokens: int = 512
@@ -136,13 +137,26 @@ def chat_prompt(tokenizer, messages: list[dict]) -> str:
 def create_app(state: ServerState) -> FastAPI:
     app = FastAPI(title="domex", version="0.1.0")
 
-    def on_batch(jobs, report):
+    def on_load(report):
         if report.loaded:
             state.metrics.switches.inc()
         state.metrics.bytes_loaded.inc(report.bytes_read)
         state.metrics.resident.set(state.engine.stats().resident_bytes)
 
-    scheduler = Scheduler(state.engine, on_batch=on_batch)
+    def on_match(seconds, match):
+        if match is None:
+            state.metrics.match_errors.inc()
+            return
+        state.metrics.match_latency.observe(seconds)
+        state.metrics.matches.labels(match.domain, str(match.ood).lower()).inc()
+
+    state.selector.observe = on_match
+    config = state.config
+    if config.scheduler == "static":
+        scheduler = SCHEDULERS["static"](state.engine, max_batch=config.max_batch, on_load=on_load)
+    else:
+        scheduler = SCHEDULERS["continuous"](state.engine, max_batch=config.max_batch, max_waiting=config.max_waiting,
+                                             on_load=on_load)
     # prompts are tokenised on request threads with a tokenizer of their own: a fast tokenizer's padding and
     # truncation are state of the object (the matcher keeps its own copy for the same reason)
     tokenizer = copy.deepcopy(state.engine.tokenizer)
@@ -164,23 +178,6 @@ def create_app(state: ServerState) -> FastAPI:
         sent = request.headers.get("authorization", "").encode()
         if not hmac.compare_digest(sent, f"Bearer {state.admin_token}".encode()):
             raise Unauthorized("this endpoint changes the store: send 'Authorization: Bearer <admin token>'")
-
-    def select(text: str, forced: str | None):
-        """(match or None, mask) for a query, all from one snapshot of the store."""
-        snapshot = state.store.snapshot()
-        if forced is not None:
-            if forced not in snapshot:
-                raise UnknownDomain(f"forced domain {forced!r} is not registered; registered: {', '.join(snapshot.names)}")
-            return None, state.masks.mask([forced], snapshot)
-        start = time.perf_counter()
-        try:
-            match = state.matcher.match_many([text], snapshot=snapshot)[0]
-        except Exception:
-            state.metrics.match_errors.inc()
-            raise
-        state.metrics.match_latency.observe(time.perf_counter() - start)
-        state.metrics.matches.labels(match.domain, str(match.ood).lower()).inc()
-        return match, state.masks.mask(fallback_domains(match, state.policy, snapshot), snapshot)
 
     def prompt_ids(prompt: str, special_tokens: bool, max_tokens: int) -> list[int]:
         """The prompt's token ids, refused when not Unicode, empty, or longer than the context leaves room for."""
@@ -207,19 +204,17 @@ def create_app(state: ServerState) -> FastAPI:
             raise ConfigError(f"max_tokens={body.max_tokens} exceeds this server's limit of {state.max_tokens} (--max-tokens)")
         start = time.perf_counter()
         ids = await run_in_threadpool(prompt_ids, prompt, not chat, body.max_tokens)
-        match, mask = await run_in_threadpool(select, query, body.domain)
-        domain = body.domain or match.domain
-        domex = {"domain": domain, "forced": body.domain is not None,
-                 **({k: v for k, v in match.to_json().items() if k != "domain"} if match else {})}
+        selection = await run_in_threadpool(state.selector.select, query, body.domain)
+        domex = selection.to_json()
         loop = asyncio.get_running_loop()
         chunks: asyncio.Queue = asyncio.Queue()
         put = lambda item: loop.call_soon_threadsafe(chunks.put_nowait, item)  # noqa: E731
-        job = Job(ids, body.max_tokens, body.temperature, body.top_p, mask, match=match,
+        job = Job(ids, body.max_tokens, body.temperature, body.top_p, selection.mask, match=selection.match,
                   emit=lambda text: put(("text", text)), finish=lambda reason, usage: put(("done", reason, usage)),
                   fail=lambda exc: put(("error", exc)))
         scheduler.submit(job)
         rid = new_id("chatcmpl" if chat else "cmpl")
-        headers = {"X-Domex-Domain": domain}
+        headers = {"X-Domex-Domain": selection.domain}
 
         def finished(status: str):
             state.metrics.requests.labels(endpoint, status).inc()
@@ -350,25 +345,26 @@ def run(args) -> int:
 
     from .engine import Engine
     from .indexer import register
-    from .match import POLICIES, make_matcher
+    from .match import make_matcher
+    from .selection import MaskBook
 
-    if args.policy not in POLICIES:
-        raise ConfigError(f"unknown fallback policy {args.policy!r}; policies: {', '.join(POLICIES)}")
-    engine = Engine.open(args.pool, budget=args.budget, device=args.device)  # checks files, sizes, fingerprints
+    config = ServeConfig.from_args(args)  # a bad flag stops the start here, named
+    engine = Engine.open(args.pool, budget=config.budget, device=args.device, dtype=config.dtype)  # checks files, sizes
     if args.verify_pool:
         for bad in engine.pool.verify_checksums():
             log.warning("pool verification: %s failed its checksum; requests that need it will fail", bad)
     store = Store.open(args.store, fingerprint=engine.pool.fingerprint, read_only=args.read_only)
     manifest = engine.pool.manifest
-    masks = MaskBook(store, Budget.parse(args.budget), num_layers=manifest.num_layers, num_experts=manifest.num_experts,
-                     criterion=args.criterion, rule=args.rule)
+    masks = MaskBook(store, Budget.parse(config.budget), num_layers=manifest.num_layers, num_experts=manifest.num_experts,
+                     criterion=config.criterion, rule=config.rule)
+    matcher = make_matcher(config.matcher, store, engine=engine, quantile=config.ood_quantile)
 
     def register_domain(name: str, demos: list[dict], replace: bool):
         parsed = [Demo.from_json(d, where=f"demos[{i}]") for i, d in enumerate(demos)]
         return register(args.pool, store, name, parsed, replace=replace, streaming=True, progress=False)
 
-    state = ServerState(engine, store, make_matcher(args.matcher, store, engine=engine, quantile=args.ood_quantile),
-                        masks, model_name=Path(args.pool).name, policy=args.policy, register_domain=register_domain,
+    state = ServerState(engine, store, Selector(store, matcher, masks, config.policy), model_name=Path(args.pool).name,
+                        config=config, register_domain=register_domain,
                         admin_token=args.admin_token, max_tokens=args.max_tokens, max_prompt_tokens=args.max_prompt_tokens,
                         max_body_bytes=args.max_body_bytes, max_demos=args.max_demos)
     uvicorn.run(create_app(state), host=args.host, port=args.port, log_level="info")

@@ -1,18 +1,38 @@
-"""Serving: requests grouped by the experts they need, batched, generated with those experts resident.
+"""Serving: continuous batching, each row routed among its own request's experts only.
 
-A worker thread owns the engine. It takes the waiting requests, groups them by mask, and runs
-a batch that mixes masks with their union when the union fits the slots of every layer,
-otherwise the groups one after the other. Every batch is one `generate` call with its own KV
-cache, so a cache never outlives the expert set it was computed with. Tokens stream to each
-request as they are decoded; a cancelled request (client gone) stops its row at the next step.
+One worker thread owns the engine and runs a loop of steps (iteration-level batching, as in Orca
+and vLLM). At every step:
 
-Isolation: prompts arrive tokenised and checked (the route does it, so a prompt that cannot be
-tokenised fails alone); when a batch's generate raises, its rows that have not streamed anything
-yet are run again one by one, so only the row that fails by itself gets the error.
+  admit   waiting requests join in FIFO order while the union of the running rows' masks and
+          theirs fits the expert cache's slots in every layer (only that union is made resident,
+          so no expert a running row needs is ever evicted); each is prefilled alone under its
+          own mask and its KV cache joins the batch, left-padded to the batch's length
+  decode  one forward of every running row; layer by layer, row b's router chooses only among
+          its own mask's experts ([B, E] allowed), exactly as if it were served alone
+  leave   rows that finished (EOS, max_tokens, the model's context) or were cancelled leave at
+          once; the KV columns no row needs any more are cut
+
+The head of the queue is never overtaken, so no request starves; the queue is bounded and a full
+queue refuses new requests (Overloaded, HTTP 429 with Retry-After).
+
+Why not transformers' own continuous batching (5.x, `generate_batch`/`ContinuousBatchingManager`):
+it can carry per-row masks only through private hooks (its batch processor and scheduler), shares
+prefix KV blocks keyed on tokens alone (two requests with one prompt and different masks would
+share them), and sizes its paged cache at ~10 GiB by default. This loop uses public pieces only
+(the model's forward, DynamicCache built from tensors, per-row attention masks and positions) and
+works the same for every family. Measured on this project's 2-core CPU (../shared/research/
+continuous_batching.md): 16 staggered requests, 16/16 equal to their solo runs in fp32.
+
+Isolation: a prompt that fails its prefill fails alone; a failed decode step fails the rows of
+that step (they have streamed text already, so a rerun would send it twice).
+
+`StaticScheduler` is the earlier design, kept as the baseline of `--scheduler static` and of the
+benchmark: batches formed from the queue, run to their longest row under the union of their masks.
 """
 
 from __future__ import annotations
 
+import collections
 import queue
 import threading
 import time
@@ -20,11 +40,11 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
+import torch.nn.functional as F
+from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from domex.store.budget import Budget, domain_mask
-from domex.store.db import Snapshot, Store
+from domex.store.errors import Overloaded, PoolError
 from domex.store.mask import Mask
 
 from .match import Match
@@ -45,44 +65,231 @@ class Job:
     match: Match | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
     enqueued: float = field(default_factory=time.perf_counter)
+    tokens: list[int] = field(default_factory=list)  # generated so far
+
+    def usage(self) -> dict:
+        return {"prompt_tokens": len(self.ids), "completion_tokens": len(self.tokens),
+                "total_tokens": len(self.ids) + len(self.tokens)}
 
 
-class MaskBook:
-    """Masks for sets of domains under one budget, built from a store snapshot and cached per generation."""
+class TextStream:
+    """A row's new tokens as text: emits what decoding added, holding back half a UTF-8 character."""
 
-    def __init__(self, store: Store, budget: Budget, *, num_layers: int, num_experts: int, criterion: str = "easyep",
-                 rule: str = "uniform"):
-        self.store, self.budget, self.criterion, self.rule = store, budget, criterion, rule
-        self.num_layers, self.num_experts = num_layers, num_experts
-        self._cache: dict[tuple, Mask] = {}  # (generation, sorted domains) -> mask; only the newest generation kept
-        self._lock = threading.Lock()
+    def __init__(self, tokenizer, job: Job):
+        self.tokenizer, self.job, self.sent = tokenizer, job, ""
 
-    def mask(self, domains: list[str] | None, snapshot: Snapshot | None = None) -> Mask:
-        """The mask of `domains` in `snapshot` (default: the store's current one); None means every expert."""
-        if domains is None:
-            return Mask.full(self.num_layers, self.num_experts)
-        snapshot = snapshot or self.store.snapshot()
-        key = (snapshot.generation, tuple(sorted(domains)))
-        with self._lock:
-            if key in self._cache:
-                return self._cache[key]
-        mask = domain_mask([snapshot.get(d) for d in key[1]], self.budget, self.criterion, self.rule)
-        with self._lock:
-            newest = max([g for g, _ in self._cache] + [key[0]])
-            self._cache = {k: m for k, m in self._cache.items() if k[0] == newest}
-            if key[0] == newest:
-                self._cache[key] = mask
-        return mask
+    def push(self) -> None:
+        text = self.tokenizer.decode(self.job.tokens, skip_special_tokens=True)
+        if not text.endswith("\ufffd") and len(text) > len(self.sent):
+            self.job.emit(text[len(self.sent):])
+            self.sent = text
+
+
+def stop_ids(engine, tokenizer) -> set[int]:
+    """Token ids that end a row: the generation config's EOS ids, and the tokenizer's when there is one."""
+    eos = engine.model.generation_config.eos_token_id
+    ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+def optional_tokenizer(engine):
+    """The pool's tokenizer, or None for a pool without one (callers then work on token ids only)."""
+    try:
+        return engine.tokenizer
+    except PoolError:
+        return None
+
+
+def sample(logits: torch.Tensor, temperature: list[float], top_p: list[float], generator: torch.Generator) -> list[int]:
+    """One token per row from logits [B, V]: greedy where temperature is 0, else nucleus sampling."""
+    out = logits.float().argmax(dim=-1).tolist()
+    for b, (t, p) in enumerate(zip(temperature, top_p)):
+        if t > 0:
+            probs = F.softmax(logits[b].float() / t, dim=-1)
+            sorted_probs, order = probs.sort(descending=True)
+            drop = sorted_probs.cumsum(0) - sorted_probs > p  # keep the smallest prefix whose mass reaches p
+            sorted_probs[drop] = 0.0
+            out[b] = int(order[torch.multinomial(sorted_probs, 1, generator=generator)])
+    return out
+
+
+def merge(batch: DynamicCache | None, attention: torch.Tensor | None, row: DynamicCache,
+          row_len: int) -> tuple[DynamicCache, torch.Tensor]:
+    """The batch's KV cache and attention mask [B, T] with one more row, both left-padded to one length."""
+    width = max(row_len, attention.shape[1] if attention is not None else 0)
+    layers = []
+    for i, layer in enumerate(row.layers):
+        k = F.pad(layer.keys, (0, 0, width - row_len, 0))  # [1, heads, T, d]
+        v = F.pad(layer.values, (0, 0, width - row_len, 0))
+        if batch is not None:
+            old = batch.layers[i]
+            pad = width - old.keys.shape[-2]
+            k = torch.cat([F.pad(old.keys, (0, 0, pad, 0)), k])
+            v = torch.cat([F.pad(old.values, (0, 0, pad, 0)), v])
+        layers.append((k, v))
+    mask = F.pad(torch.ones(1, row_len, dtype=torch.long), (width - row_len, 0))
+    if attention is not None:
+        mask = torch.cat([F.pad(attention, (width - attention.shape[1], 0)), mask])
+    return DynamicCache(layers), mask
+
+
+@dataclass
+class Row:
+    job: Job
+    text: TextStream | None
+    position: int  # position id of the last token taken (the next one fed)
+    next_token: int
+
+
+class ContinuousScheduler:
+    """The one thread that runs the engine, step by step; see the module docstring."""
+
+    def __init__(self, engine, *, max_batch: int = 8, max_waiting: int = 64, on_load=None, seed: int = 0):
+        self.engine, self.max_batch, self.max_waiting, self.on_load = engine, max_batch, max_waiting, on_load
+        self.waiting: collections.deque[Job] = collections.deque()
+        self.cond = threading.Condition()
+        self.rows: list[Row] = []
+        self.cache: DynamicCache | None = None
+        self.attention: torch.Tensor | None = None  # [B, T] 1 = a real token of that row
+        self.generator = torch.Generator().manual_seed(seed)
+        self.context = int(getattr(engine.model.config, "max_position_embeddings", 0) or 0) or None
+        self.tokenizer = optional_tokenizer(engine)
+        self.stop = stop_ids(engine, self.tokenizer)
+        self.thread = threading.Thread(target=self._loop, name="domex-scheduler", daemon=True)
+        self.thread.start()
+
+    def submit(self, job: Job) -> None:
+        """Queue a job; Overloaded when the waiting queue is full, CacheTooSmall when its mask can never fit."""
+        self.engine.cache.check_fits(job.mask)
+        with self.cond:
+            if len(self.waiting) >= self.max_waiting:
+                raise Overloaded(f"the server is busy: {len(self.waiting)} requests are waiting (--max-waiting); "
+                                 "retry shortly", retry_after=1)
+            self.waiting.append(job)
+            self.cond.notify()
+
+    def running_masks(self) -> list[Mask]:
+        return [r.job.mask for r in self.rows]
+
+    def _loop(self) -> None:
+        while True:
+            for job in self._admissible():
+                self._prefill(job)
+            if self.rows:
+                self._decode()
+
+    def _admissible(self) -> list[Job]:
+        """The waiting jobs that join now: FIFO, while rows are free and the union of masks fits the slots."""
+        with self.cond:
+            while not self.rows and not self.waiting:
+                self.cond.wait()
+            admitted: list[Job] = []
+            union = _union(self.running_masks())
+            while self.waiting and len(self.rows) + len(admitted) < self.max_batch:
+                head = self.waiting[0]
+                if head.cancelled.is_set():
+                    self.waiting.popleft()
+                    continue
+                joined = head.mask if union is None else union.union(head.mask)
+                if max(joined.kept_counts()) > self.engine.cache.num_slots:
+                    break  # the head waits for running rows to leave; nobody overtakes it
+                admitted.append(self.waiting.popleft())
+                union = joined
+            return admitted
+
+    def _prefill(self, job: Job) -> None:
+        """Run the prompt alone under its own mask, emit its first token, and join the batch."""
+        engine = self.engine
+        try:
+            report = engine.ensure(_union(self.running_masks() + [job.mask]))
+            if self.on_load:
+                self.on_load(report)
+            engine.allow_rows([job.mask])
+            cache = DynamicCache()
+            ids = torch.tensor([job.ids], device=engine.device)
+            with torch.no_grad():
+                logits = engine.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+            token = sample(logits, [job.temperature], [job.top_p], self.generator)[0]
+        except Exception as e:  # this prompt's own failure; the batch goes on
+            job.fail(e)
+            return
+        row = Row(job, TextStream(self.tokenizer, job) if self.tokenizer is not None else None, len(job.ids) - 1, token)
+        if self._take(row, token):
+            self.cache, self.attention = merge(self.cache, self.attention, cache, len(job.ids))
+            self.rows.append(row)
+
+    def _decode(self) -> None:
+        engine = self.engine
+        engine.allow_rows(self.running_masks())
+        ids = torch.tensor([[r.next_token] for r in self.rows], device=engine.device)  # [B, 1]
+        positions = torch.tensor([[r.position] for r in self.rows], device=engine.device)  # [B, 1]
+        attention = F.pad(self.attention, (0, 1), value=1)  # [B, T + 1]
+        try:
+            with torch.no_grad():
+                logits = engine.model(input_ids=ids, attention_mask=attention.to(engine.device), position_ids=positions,
+                                      cache=self.cache, use_cache=True).logits[:, -1]
+            tokens = sample(logits, [r.job.temperature for r in self.rows], [r.job.top_p for r in self.rows],
+                            self.generator)
+        except Exception as e:
+            for r in self.rows:
+                r.job.fail(e)
+            self.rows, self.cache, self.attention = [], None, None
+            return
+        self.attention = attention
+        keep = [i for i, (r, t) in enumerate(zip(self.rows, tokens)) if self._take(r, t)]
+        if len(keep) < len(self.rows):
+            self._leave(keep)
+
+    def _take(self, row: Row, token: int) -> bool:
+        """Append a sampled token to its row (streaming it); False when the row is done and was finished."""
+        job = row.job
+        if job.cancelled.is_set():
+            return False
+        if token in self.stop:
+            job.finish("stop", job.usage())
+            return False
+        job.tokens.append(token)
+        if row.text is not None:
+            row.text.push()
+        row.position += 1
+        row.next_token = token
+        at_context = self.context is not None and len(job.ids) + len(job.tokens) >= self.context
+        if len(job.tokens) >= job.max_tokens or at_context:
+            job.finish("length", job.usage())
+            return False
+        return True
+
+    def _leave(self, keep: list[int]) -> None:
+        """Drop the rows not in `keep` from the batch, its KV cache and mask; cut columns no row uses."""
+        self.rows = [self.rows[i] for i in keep]
+        if not keep:
+            self.cache, self.attention = None, None
+            return
+        index = torch.tensor(keep)
+        attention = self.attention[index]
+        start = int(attention.any(dim=0).long().argmax())  # the first column some row still attends to
+        self.attention = attention[:, start:]
+        self.cache = DynamicCache([(layer.keys[index.to(layer.keys.device), :, start:],
+                                    layer.values[index.to(layer.values.device), :, start:]) for layer in self.cache.layers])
+
+
+def _union(masks: list[Mask]) -> Mask | None:
+    if not masks:
+        return None
+    union = masks[0]
+    for m in masks[1:]:
+        union = union.union(m)
+    return union
 
 
 class _RowStreamer(BaseStreamer):
-    """Splits a batch's new tokens by row and emits each row's newly decoded text."""
+    """Static batches: splits a batch's new tokens by row and streams each row's text."""
 
     def __init__(self, tokenizer, jobs: list[Job]):
-        self.tokenizer, self.jobs = tokenizer, jobs
-        self.ids: list[list[int]] = [[] for _ in jobs]
-        self.sent = [""] * len(jobs)
-        self.prompt_seen = False
+        self.jobs, self.prompt_seen = jobs, False
+        self.streams = [TextStream(tokenizer, j) for j in jobs]
         self.eos = set(tokenizer.all_special_ids)
 
     def put(self, value: torch.Tensor) -> None:
@@ -91,29 +298,23 @@ class _RowStreamer(BaseStreamer):
             return
         for row, token in enumerate(value.reshape(len(self.jobs), -1)[:, -1].tolist()):
             job = self.jobs[row]
-            if job.cancelled.is_set() or len(self.ids[row]) >= job.max_tokens or token in self.eos:
+            if job.cancelled.is_set() or len(job.tokens) >= job.max_tokens or token in self.eos:
                 continue
-            self.ids[row].append(token)
-            text = self.tokenizer.decode(self.ids[row], skip_special_tokens=True)
-            if text.endswith("\ufffd"):  # half a UTF-8 character: wait for the rest
-                continue
-            if len(text) > len(self.sent[row]):
-                job.emit(text[len(self.sent[row]):])
-                self.sent[row] = text
+            job.tokens.append(token)
+            self.streams[row].push()
 
     def end(self) -> None:
         pass
 
 
 class _RowStop(StoppingCriteria):
-    """Per row: stop when its request was cancelled or reached its own max_tokens."""
+    """Static batches, per row: stop when its request was cancelled or reached its own max_tokens."""
 
-    def __init__(self, streamer: _RowStreamer):
-        self.streamer = streamer
+    def __init__(self, jobs: list[Job]):
+        self.jobs = jobs
 
     def __call__(self, input_ids, scores, **kwargs) -> torch.BoolTensor:
-        jobs, ids = self.streamer.jobs, self.streamer.ids
-        return torch.tensor([j.cancelled.is_set() or len(ids[r]) >= j.max_tokens for r, j in enumerate(jobs)])
+        return torch.tensor([j.cancelled.is_set() or len(j.tokens) >= j.max_tokens for j in self.jobs])
 
 
 def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,30 +325,18 @@ def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
     return ids, attention
 
 
-def plan(jobs: list[Job], slots: int) -> list[tuple[Mask, list[Job]]]:
-    """(mask, jobs) runs: one run with the union when it fits `slots` per layer, else one per mask."""
-    groups: dict[tuple, list[Job]] = {}
-    for job in jobs:
-        groups.setdefault(job.mask.layers, []).append(job)
-    masks = [g[0].mask for g in groups.values()]
-    union = masks[0]
-    for m in masks[1:]:
-        union = union.union(m)
-    if max(union.kept_counts()) <= slots:
-        return [(union, jobs)]
-    return [(g[0].mask, g) for g in groups.values()]
+class StaticScheduler:
+    """The baseline: batches taken from the queue and run to their longest row under their masks' union
+    (or one mask group after another when the union does not fit)."""
 
-
-class Scheduler:
-    """The one thread that runs the engine; requests come in through `submit` from any thread."""
-
-    def __init__(self, engine, *, max_batch: int = 8, window_s: float = 0.005, on_batch=None):
-        self.engine, self.max_batch, self.window_s, self.on_batch = engine, max_batch, window_s, on_batch
+    def __init__(self, engine, *, max_batch: int = 8, window_s: float = 0.005, on_load=None):
+        self.engine, self.max_batch, self.window_s, self.on_load = engine, max_batch, window_s, on_load
         self.queue: queue.Queue[Job] = queue.Queue()
-        self.thread = threading.Thread(target=self._loop, name="domex-scheduler", daemon=True)
+        self.thread = threading.Thread(target=self._loop, name="domex-static-scheduler", daemon=True)
         self.thread.start()
 
     def submit(self, job: Job) -> None:
+        self.engine.cache.check_fits(job.mask)
         self.queue.put(job)
 
     def _take(self) -> list[Job]:
@@ -167,39 +356,45 @@ class Scheduler:
             for job in jobs:
                 sampling.setdefault((job.temperature, job.top_p), []).append(job)
             for group in sampling.values():
-                for mask, run in plan(group, self.engine.cache.num_slots):
-                    self._run(mask, run)
+                union = _union([j.mask for j in group])
+                if max(union.kept_counts()) <= self.engine.cache.num_slots:
+                    self._run(union, group)
+                    continue
+                by_mask: dict[tuple, list[Job]] = {}
+                for job in group:
+                    by_mask.setdefault(job.mask.layers, []).append(job)
+                for run in by_mask.values():
+                    self._run(run[0].mask, run)
 
     def _run(self, mask: Mask, jobs: list[Job]) -> None:
         """Generate one batch; on an error, rows that streamed nothing yet are retried alone (isolation)."""
-        streamer = _RowStreamer(self.engine.tokenizer, jobs)
         try:
-            self._generate(mask, jobs, streamer)
+            self._generate(mask, jobs)
         except Exception as e:  # the worker lives on for the next batch
             if len(jobs) == 1:
                 jobs[0].fail(e)
                 return
-            for row, job in enumerate(jobs):
-                if streamer.ids[row]:  # its client has text already: a rerun would send it twice
+            for job in jobs:
+                if job.tokens:  # its client has text already: a rerun would send it twice
                     job.fail(e)
                 else:
                     self._run(mask, [job])
             return
-        for row, job in enumerate(jobs):
-            n = len(streamer.ids[row])
-            reason = "length" if n >= job.max_tokens else "stop"
-            prompt_tokens = len(job.ids)
-            job.finish(reason, {"prompt_tokens": prompt_tokens, "completion_tokens": n, "total_tokens": prompt_tokens + n})
+        for job in jobs:
+            job.finish("length" if len(job.tokens) >= job.max_tokens else "stop", job.usage())
 
-    def _generate(self, mask: Mask, jobs: list[Job], streamer: _RowStreamer) -> None:
+    def _generate(self, mask: Mask, jobs: list[Job]) -> None:
         report = self.engine.ensure(mask)
-        if self.on_batch:
-            self.on_batch(jobs, report)
+        if self.on_load:
+            self.on_load(report)
         tok = self.engine.tokenizer
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         ids, attention = left_pad([j.ids for j in jobs], pad)
         sample = jobs[0].temperature > 0
         self.engine.generate(ids, attention_mask=attention, max_new_tokens=max(j.max_tokens for j in jobs),
                              do_sample=sample, temperature=jobs[0].temperature if sample else None,
-                             top_p=jobs[0].top_p if sample else None, streamer=streamer,
-                             stopping_criteria=StoppingCriteriaList([_RowStop(streamer)]), pad_token_id=pad)
+                             top_p=jobs[0].top_p if sample else None, streamer=_RowStreamer(tok, jobs),
+                             stopping_criteria=StoppingCriteriaList([_RowStop(jobs)]), pad_token_id=pad)
+
+
+SCHEDULERS = {"continuous": ContinuousScheduler, "static": StaticScheduler}

@@ -128,3 +128,13 @@ class Unauthorized(DomexError):
     """An admin endpoint called without the right bearer token."""
 
     http_status = 401
+
+
+class Overloaded(DomexError):
+    """The server's waiting queue is full; the client should retry after `retry_after` seconds."""
+
+    http_status = 429
+
+    def __init__(self, message: str, retry_after: int = 1):
+        super().__init__(message)
+        self.retry_after = retry_after

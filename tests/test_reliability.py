@@ -21,7 +21,7 @@ import torch
 from domex.runtime.engine import Engine
 from domex.runtime.indexer import register
 from domex.runtime.pool import MANIFEST, PoolManifest, build, meta_model
-from domex.runtime.serving import Job, Scheduler
+from domex.runtime.serving import Job, SCHEDULERS
 from domex.store.db import Store
 from domex.store.demos import Demo
 from domex.store.errors import InvalidName, StoreUnwritable
@@ -157,8 +157,10 @@ def test_a_bad_request_does_not_fail_its_batch(server):
     assert_error(replies[-1], 400, "body.prompt", "unicode")
 
 
-def test_a_row_that_fails_in_generate_fails_alone(world):
-    """The scheduler's safety net: a batch that raises is rerun row by row; only the faulty row errs."""
+@pytest.mark.parametrize("kind", ["continuous", "static"])
+def test_a_row_that_fails_in_generate_fails_alone(world, kind):
+    """Continuous: each prompt is prefilled alone, so a faulty one fails there. Static: a batch that
+    raises is rerun row by row. Either way only the faulty row errs."""
     engine = Engine.open(world / "pool")
     mask = Mask.full(engine.pool.manifest.num_layers, engine.pool.manifest.num_experts)
     results, done = {}, threading.Semaphore(0)
@@ -170,7 +172,7 @@ def test_a_row_that_fails_in_generate_fails_alone(world):
         return Job(ids, 3, 0.0, 1.0, mask, emit=lambda text: None, finish=lambda reason, usage: end("ok"),
                    fail=lambda exc: end(type(exc).__name__))
 
-    scheduler = Scheduler(engine, window_s=0.5)
+    scheduler = SCHEDULERS[kind](engine)
     for name, ids in [("a", [40, 41, 42]), ("bad", [40, 10**6]), ("b", [50, 51])]:
         scheduler.submit(job(name, ids))
     for _ in range(3):

@@ -1,0 +1,133 @@
+"""Selection: query -> Match -> fallback policy -> domains -> Mask, all read from one store snapshot.
+
+The server, `domex route`, the demo and the evaluation ask the same question (which experts serve
+this text?) and get the same answer from here. `ServeConfig` holds the serving choices and checks
+them once, at start, so a bad flag stops `domex serve` with a message naming it instead of failing
+every request later.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+from domex.store.budget import RULES, Budget, domain_mask
+from domex.store.db import Snapshot, Store
+from domex.store.errors import ConfigError, DomexError, UnknownDomain
+from domex.store.mask import Mask
+from domex.store.scores import CRITERIA, PRIMARY
+
+from .device import DTYPES
+from .match import MATCHERS, POLICIES, Match, fallback_domains
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """The choices that decide how requests are served; `check()` refuses a bad one naming its flag."""
+
+    budget: str = "50%"
+    criterion: str = PRIMARY
+    rule: str = "uniform"
+    policy: str = "nearest"
+    matcher: str = "hybrid"
+    ood_quantile: float | None = None
+    dtype: str = "auto"
+    scheduler: str = "continuous"
+    max_batch: int = 8
+    max_waiting: int = 64
+
+    def check(self) -> "ServeConfig":
+        from .serving import SCHEDULERS
+
+        try:
+            Budget.parse(self.budget)
+        except DomexError as e:
+            raise ConfigError(f"--budget: {e}") from None
+        choices = [("--criterion", self.criterion, CRITERIA), ("--rule", self.rule, RULES),
+                   ("--policy", self.policy, POLICIES), ("--matcher", self.matcher, MATCHERS),
+                   ("--dtype", self.dtype, ("auto", *DTYPES)), ("--scheduler", self.scheduler, SCHEDULERS)]
+        for flag, value, known in choices:
+            if value not in known:
+                raise ConfigError(f"{flag} {value!r} is not one of: {', '.join(known)}")
+        if self.ood_quantile is not None and not 0.0 < self.ood_quantile < 1.0:
+            raise ConfigError(f"--ood-quantile {self.ood_quantile} must lie between 0 and 1")
+        for flag, value, least in (("--max-batch", self.max_batch, 1), ("--max-waiting", self.max_waiting, 0)):
+            if value < least:
+                raise ConfigError(f"{flag} {value} must be at least {least}")
+        return self
+
+    @classmethod
+    def from_args(cls, args) -> "ServeConfig":
+        return cls(**{name: getattr(args, name) for name in cls.__dataclass_fields__ if hasattr(args, name)}).check()
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which experts serve one query: the match (None when the domain was forced), the domains, the mask."""
+
+    match: Match | None
+    domains: tuple[str, ...] | None  # None: every expert (the `full` fallback)
+    mask: Mask
+
+    @property
+    def domain(self) -> str:
+        return self.match.domain if self.match is not None else self.domains[0]
+
+    def to_json(self) -> dict:
+        """What the response's `domex` field reports."""
+        extra = {k: v for k, v in self.match.to_json().items() if k != "domain"} if self.match else {}
+        return {"domain": self.domain, "forced": self.match is None, **extra}
+
+
+class MaskBook:
+    """Masks for sets of domains under one budget, built from a store snapshot and cached per generation."""
+
+    def __init__(self, store: Store, budget: Budget, *, num_layers: int, num_experts: int, criterion: str = PRIMARY,
+                 rule: str = "uniform"):
+        self.store, self.budget, self.criterion, self.rule = store, budget, criterion, rule
+        self.num_layers, self.num_experts = num_layers, num_experts
+        self._cache: dict[tuple, Mask] = {}  # (generation, sorted domains) -> mask; only the newest generation kept
+        self._lock = threading.Lock()
+
+    def mask(self, domains: list[str] | tuple[str, ...] | None, snapshot: Snapshot | None = None) -> Mask:
+        """The mask of `domains` in `snapshot` (default: the store's current one); None means every expert."""
+        if domains is None:
+            return Mask.full(self.num_layers, self.num_experts)
+        snapshot = snapshot or self.store.snapshot()
+        key = (snapshot.generation, tuple(sorted(domains)))
+        with self._lock:
+            if key in self._cache:
+                return self._cache[key]
+        mask = domain_mask([snapshot.get(d) for d in key[1]], self.budget, self.criterion, self.rule)
+        with self._lock:
+            newest = max([g for g, _ in self._cache] + [key[0]])
+            self._cache = {k: m for k, m in self._cache.items() if k[0] == newest}
+            if key[0] == newest:
+                self._cache[key] = mask
+        return mask
+
+
+class Selector:
+    """Query text (or a forced domain) -> Selection; `observe(seconds, match)` hears every match (metrics)."""
+
+    def __init__(self, store: Store, matcher, masks: MaskBook, policy: str = "nearest", observe=None):
+        if policy not in POLICIES:
+            raise ConfigError(f"--policy {policy!r} is not one of: {', '.join(POLICIES)}")
+        self.store, self.matcher, self.masks, self.policy, self.observe = store, matcher, masks, policy, observe
+
+    def select(self, text: str, forced: str | None = None, snapshot: Snapshot | None = None) -> Selection:
+        snapshot = snapshot or self.store.snapshot()
+        if forced is not None:
+            if forced not in snapshot:
+                raise UnknownDomain(f"forced domain {forced!r} is not registered; registered: {', '.join(snapshot.names)}")
+            return Selection(None, (forced,), self.masks.mask([forced], snapshot))
+        start = time.perf_counter()
+        match = None
+        try:
+            match = self.matcher.match_many([text], snapshot=snapshot)[0]
+        finally:
+            if self.observe is not None:
+                self.observe(time.perf_counter() - start, match)
+        domains = fallback_domains(match, self.policy, snapshot)
+        return Selection(match, None if domains is None else tuple(domains), self.masks.mask(domains, snapshot))
