@@ -44,11 +44,16 @@ class ChatMessage(BaseModel):
     content: str
 
 
+class StreamOptions(BaseModel):
+    include_usage: bool = False  # OpenAI's: one more chunk before [DONE], with no choices and the usage
+
+
 class SamplingParams(BaseModel):
     max_tokens: int = Field(16, ge=1)
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     stream: bool = False
+    stream_options: StreamOptions | None = None
     domain: str | None = None  # force this domain instead of matching
     model: str | None = None  # accepted for compatibility; one server serves one model
 

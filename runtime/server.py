@@ -236,6 +236,10 @@ def create_app(state: ServerState) -> FastAPI:
                         text, reason = (item[1], None) if item[0] == "text" else ("", item[1])
                         yield f"data: {json.dumps(completion_body(rid, state.model_name, text, reason, domex, None, chat))}\n\n"
                         if item[0] == "done":
+                            if body.stream_options and body.stream_options.include_usage:
+                                last = {**completion_body(rid, state.model_name, "", None, domex, None, chat),
+                                        "choices": [], "usage": item[2]}
+                                yield f"data: {json.dumps(last)}\n\n"
                             outcome = "ok"
                             break
                     yield "data: [DONE]\n\n"

@@ -10,8 +10,12 @@ Measures, in one run:
     both, how often they agree, the routing view's share, and the single-query p50 on passages;
   - the embedder alone on ~100 user-style queries: latency, queries/s in batches of 64, and how
     close the int8 ONNX vectors are to the PyTorch ones (mean cosine, nearest-neighbour agreement);
-  - end-to-end requests/s and latency of `domex serve` (a real server process on a loopback port)
-    at concurrency 1 and 8 on mixed-domain traffic, each request 16 new tokens.
+  - end-to-end serving by `domex serve` (a real server process on a loopback port): mixed-domain
+    user queries, max_tokens 8-128, greedy, streamed, at concurrency 1, 8 and 32: generated tokens/s,
+    time to first token (TTFT) and latency p50/p99; in the same run the static scheduler (the
+    baseline `--scheduler static`) and the full model (every expert, continuous batching);
+  - batch invariance: the share of mixed-domain requests whose greedy tokens in one continuous
+    batch equal their solo run, in fp32 and in bf16.
 """
 
 from __future__ import annotations
@@ -230,42 +234,121 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def bench_e2e(pool: Path, store: Path, texts: list[str], budget: str, requests: int) -> dict:
+def serve(pool: Path, store: Path, flags: list[str]):
+    """A `domex serve` process on a free loopback port, up and answering /health; yields its URL."""
+    import contextlib
+
     import httpx
 
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "domex.runtime.cli", "serve", "--pool", str(pool), "--store", str(store),
-                               "--budget", budget, "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(600):
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)
-        out = {}
-        for concurrency in (1, 8):
-            async def run():
-                latencies = []
-                sem = asyncio.Semaphore(concurrency)
-                async with httpx.AsyncClient(timeout=300) as client:
-                    async def one(text):
-                        async with sem:
-                            t = time.perf_counter()
-                            r = await client.post(f"{url}/v1/completions", json={"prompt": text[:300], "max_tokens": 16})
-                            r.raise_for_status()
-                            latencies.append(time.perf_counter() - t)
-                    start = time.perf_counter()
-                    await asyncio.gather(*[one(t) for t in texts[:requests]])
-                    return requests / (time.perf_counter() - start), latencies
-            rps, lat = asyncio.run(run())
-            out[f"e2e_rps_c{concurrency}"] = rps
-            out[f"e2e_p50_ms_c{concurrency}"] = float(np.percentile(lat, 50) * 1e3)
-        return out
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+    @contextlib.contextmanager
+    def running():
+        port = free_port()
+        server = subprocess.Popen([sys.executable, "-m", "domex.runtime.cli", "serve", "--pool", str(pool), "--store",
+                                   str(store), "--port", str(port), "--max-tokens", "128", *flags],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            for _ in range(600):
+                try:
+                    if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    time.sleep(0.5)
+            yield url
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+
+    return running()
+
+
+def traffic(url: str, work: list[tuple[str, int]], concurrency: int) -> dict:
+    """Stream every (prompt, max_tokens) at `concurrency`; tokens/s, TTFT and latency percentiles."""
+    import httpx
+
+    async def run():
+        ttft, latency, tokens = [], [], []
+        sem = asyncio.Semaphore(concurrency)
+        async with httpx.AsyncClient(timeout=600) as client:
+            async def one(prompt, max_tokens):
+                async with sem:
+                    t, first = time.perf_counter(), None
+                    body = {"prompt": prompt, "max_tokens": max_tokens, "stream": True,
+                            "stream_options": {"include_usage": True}}
+                    async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
+                        r.raise_for_status()
+                        async for line in r.aiter_lines():
+                            if not line.startswith("data: ") or line == "data: [DONE]":
+                                continue
+                            chunk = json.loads(line[6:])
+                            first = first or time.perf_counter()
+                            if chunk.get("usage"):
+                                tokens.append(chunk["usage"]["completion_tokens"])
+                    ttft.append(first - t)
+                    latency.append(time.perf_counter() - t)
+            start = time.perf_counter()
+            await asyncio.gather(*[one(p, n) for p, n in work])
+            return time.perf_counter() - start, ttft, latency, tokens
+
+    wall, ttft, latency, tokens = asyncio.run(run())
+    return {"tps": sum(tokens) / wall, "rps": len(work) / wall, "ttft_p50_ms": float(np.percentile(ttft, 50) * 1e3),
+            "ttft_p99_ms": float(np.percentile(ttft, 99) * 1e3), "latency_p50_ms": float(np.percentile(latency, 50) * 1e3),
+            "latency_p99_ms": float(np.percentile(latency, 99) * 1e3)}
+
+
+def bench_e2e(pool: Path, store: Path, budget: str, requests: int) -> dict:
+    """Mixed-domain user queries, max_tokens 8-128, greedy, streamed: the continuous scheduler under the
+    budget, and in the same run the static scheduler (same budget) and the full model (every expert)."""
+    texts, _ = user_queries()
+    rng = np.random.default_rng(0)
+    work = [(t, int(rng.integers(8, 129))) for t in texts[:requests]]
+    out = {}
+    for suffix, flags in (("", ["--budget", budget]), ("_static", ["--budget", budget, "--scheduler", "static"]),
+                          ("_full", ["--budget", "100%"])):
+        with serve(pool, store, flags) as url:
+            traffic(url, work[:4], 4)  # warm up: embedder, index, first expert loads
+            for concurrency in (1, 8, 32):
+                shown = work[:max(8, requests // 4)] if concurrency == 1 else work
+                for key, value in traffic(url, shown, concurrency).items():
+                    out[f"{key}_c{concurrency}{suffix}"] = value
+    for c in (1, 8):  # the earlier keys
+        out[f"e2e_rps_c{c}"], out[f"e2e_p50_ms_c{c}"] = out[f"rps_c{c}"], out[f"latency_p50_ms_c{c}"]
+    return out
+
+
+def batch_agreement(pool: Path, store_dir: Path, budget: str, dtype: str, requests: int = 16, tokens: int = 24) -> float:
+    """Share of mixed-domain requests whose greedy tokens in one continuous batch equal their solo `generate`."""
+    import threading
+
+    import torch
+
+    from domex.runtime.engine import Engine
+    from domex.runtime.selection import MaskBook
+    from domex.runtime.serving import ContinuousScheduler, Job
+    from domex.store.budget import Budget
+    from domex.store.db import Store
+
+    store = Store.open(store_dir, create=False)
+    engine = Engine.open(pool, budget=budget, dtype=dtype)
+    m = engine.pool.manifest
+    masks = MaskBook(store, Budget.parse(budget), num_layers=m.num_layers, num_experts=m.num_experts)
+    texts, domains = user_queries()
+    cases = [(engine.tokenizer(t)["input_ids"], masks.mask([d])) for t, d in zip(texts[:requests], domains)]
+    solo = []
+    for ids, mask in cases:
+        out = engine.generate(torch.tensor([ids]), mask=mask, do_sample=False, max_new_tokens=tokens)[0, len(ids):].tolist()
+        eos = engine.model.generation_config.eos_token_id
+        solo.append(out[:out.index(eos)] if eos in out else out)
+    done = threading.Semaphore(0)
+    jobs = [Job(ids, tokens, 0.0, 1.0, mask, emit=lambda text: None, finish=lambda reason, usage: done.release(),
+                fail=lambda exc: done.release()) for ids, mask in cases]
+    scheduler = ContinuousScheduler(engine, max_batch=8)
+    for job in jobs:
+        scheduler.submit(job)
+    for _ in jobs:
+        done.acquire()
+    engine.close()
+    return float(np.mean([j.tokens == s for j, s in zip(jobs, solo)]))
 
 
 def main() -> int:
@@ -275,7 +358,7 @@ def main() -> int:
     ap.add_argument("--work", default=".domex", help="where the pool and store are built when not given")
     ap.add_argument("--budget", default="50%")
     ap.add_argument("--passages", type=int, default=40, help="held-out passages per domain for matching")
-    ap.add_argument("--requests", type=int, default=32, help="requests per concurrency level")
+    ap.add_argument("--requests", type=int, default=64, help="requests per concurrency level (a quarter at concurrency 1)")
     ap.add_argument("--json", default="bench_serve.json")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -290,7 +373,9 @@ def main() -> int:
     load = os.getloadavg()
     result = bench_matching(pool, store, texts)
     result.update(bench_embedding(QUERIES))
-    result.update(bench_e2e(pool, store, texts, args.budget, args.requests))
+    result.update(bench_e2e(pool, store, args.budget, args.requests))
+    result["batch_agreement_fp32"] = batch_agreement(pool, store, args.budget, "float32")
+    result["batch_agreement_bf16"] = batch_agreement(pool, store, args.budget, "bfloat16")
     import torch
 
     result["machine"] = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
@@ -311,9 +396,22 @@ def main() -> int:
             ("embed, batches of 64", f"{result['embed_qps_batched']:.0f} q/s", ""),
             ("embed cosine to PyTorch", f"{result['embed_cosine_to_slow']:.3f}",
              f"min {result['embed_cosine_min']:.3f}; nearest neighbour agrees {result['embed_nn_agreement']:.0%}"),
-            ("e2e requests/s, concurrency 1", f"{result['e2e_rps_c1']:.2f}", f"p50 {result['e2e_p50_ms_c1']:.0f} ms"),
-            ("e2e requests/s, concurrency 8", f"{result['e2e_rps_c8']:.2f}",
-             f"p50 {result['e2e_p50_ms_c8']:.0f} ms; {result['e2e_rps_c8'] / result['e2e_rps_c1']:.2f}x concurrency 1")]
+            *[(f"generated tokens/s, concurrency {c}", f"{result[f'tps_c{c}']:.0f}",
+               f"static {result[f'tps_c{c}_static']:.0f} ({result[f'tps_c{c}'] / result[f'tps_c{c}_static']:.2f}x); "
+               f"full model {result[f'tps_c{c}_full']:.0f} ({result[f'tps_c{c}'] / result[f'tps_c{c}_full']:.2f}x)")
+              for c in (1, 8, 32)],
+            *[(f"TTFT p50 / p99, concurrency {c}", f"{result[f'ttft_p50_ms_c{c}']:.0f} / {result[f'ttft_p99_ms_c{c}']:.0f} ms",
+               f"static {result[f'ttft_p50_ms_c{c}_static']:.0f} / {result[f'ttft_p99_ms_c{c}_static']:.0f} ms; "
+               f"p99 {result[f'ttft_p99_ms_c{c}_static'] / result[f'ttft_p99_ms_c{c}']:.1f}x lower")
+              for c in (1, 8, 32)],
+            *[(f"latency p50 / p99, concurrency {c}",
+               f"{result[f'latency_p50_ms_c{c}']:.0f} / {result[f'latency_p99_ms_c{c}']:.0f} ms",
+               f"static {result[f'latency_p50_ms_c{c}_static']:.0f} / {result[f'latency_p99_ms_c{c}_static']:.0f} ms")
+              for c in (1, 8, 32)],
+            ("requests/s, concurrency 1 / 8", f"{result['e2e_rps_c1']:.2f} / {result['e2e_rps_c8']:.2f}",
+             "max_tokens 8-128, streamed"),
+            ("batch = solo, fp32 / bf16", f"{result['batch_agreement_fp32']:.0%} / {result['batch_agreement_bf16']:.0%}",
+             "greedy tokens of mixed-domain rows in one batch vs each alone")]
     print(f"| {'measure':32} | {'value':>12} | note |\n| {'-' * 32} | {'-' * 12} | --- |")
     for name, value, note in rows:
         print(f"| {name:32} | {value:>12} | {note} |")
