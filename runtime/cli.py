@@ -45,6 +45,8 @@ def add_route(sub) -> None:
     p.add_argument("--matcher", default="hybrid", help="hybrid (default, as serve), embedding (text only, no --pool) "
                                                        "or signature (routing only)")
     p.add_argument("--ood-quantile", type=float, help=QUANTILE_HELP)
+    p.add_argument("--policy", default="nearest", help="out-of-domain fallback, as serve: nearest, union, general or full")
+    p.add_argument("--budget", default="50%", help="experts per layer of the mask that serves each query, as serve")
     p.add_argument("--file", help="one query per line: plain text, or JSONL with a 'text' field when it ends in .jsonl")
     p.add_argument("--json", action="store_true", help="one JSON decision per line")
     p.add_argument("text", nargs="?", help="one query (or give --file)")
@@ -55,7 +57,9 @@ def add_serve(sub) -> None:
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server that loads each query's domain experts")
     p.add_argument("--pool", required=True, help="expert pool folder (domex pool build)")
     p.add_argument("--store", required=True, help="pattern store folder (domex register)")
-    p.add_argument("--budget", default="50%", help="resident experts per layer: '50%%', '16' or bytes like '2GiB'")
+    p.add_argument("--budget", default="50%", help="each domain's experts per layer: '50%%', '16' or bytes like '2GiB'")
+    p.add_argument("--resident", help="expert slots per layer held in memory (default: --budget); more than the budget "
+                   "lets requests of several domains decode in one batch")
     p.add_argument("--criterion", default="easyep", help="which stored scores pick the experts")
     p.add_argument("--rule", default="uniform", help="uniform (same count per layer) or coverage")
     p.add_argument("--matcher", default="hybrid", help="hybrid (default: text + routing), embedding (text only) or signature (routing only)")
@@ -68,8 +72,10 @@ def add_serve(sub) -> None:
                    "float32 or bfloat16")
     p.add_argument("--scheduler", default="continuous", help="continuous (rows join and leave at every decode step, "
                    "each under its own mask) or static (the old batches under their masks' union; a baseline)")
-    p.add_argument("--max-batch", type=int, default=8, help="most requests decoded together")
+    p.add_argument("--max-batch", type=int, default=32, help="most requests decoded together")
     p.add_argument("--max-waiting", type=int, default=64, help="most requests waiting to be admitted; more get 429")
+    p.add_argument("--max-overtakes", type=int, help="how often a request whose experts fit may join before the "
+                   "waiting head whose experts do not (default: --max-batch); then the batch drains for the head")
     p.add_argument("--admin-token", help="when set, POST/DELETE /v1/domains need 'Authorization: Bearer TOKEN'")
     p.add_argument("--max-tokens", type=int, default=512, help="largest max_tokens a request may ask for")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body, counted as it arrives")

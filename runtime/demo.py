@@ -70,7 +70,7 @@ def run(args) -> int:
     from .indexer import context_length, register
     from .match import make_matcher
     from .pool import MANIFEST, build
-    from .selection import MaskBook
+    from .selection import MaskBook, Selector
 
     start = time.perf_counter()
     work = Path(args.work)
@@ -91,13 +91,13 @@ def run(args) -> int:
     engine = Engine.open(pool_dir, budget=args.budget)
     manifest = engine.pool.manifest
     masks = MaskBook(store, Budget.parse(args.budget), num_layers=manifest.num_layers, num_experts=manifest.num_experts)
-    matcher = make_matcher(args.matcher, store, engine=engine)
+    selector = Selector(store, make_matcher(args.matcher, store, engine=engine), masks, policy="nearest")
     print(f"{args.matcher} matcher; '?' marks a query it finds out-of-domain (served by the nearest domain)")
     print(f"{'expected':9} {'matched':9} {'sim':>5} {'loaded':>6} {'switch':>8}  generated")
     for expected, prompt in QUERIES:
-        match = matcher.match_many([prompt])[0]
-        mask = masks.mask([match.domain])
-        report = engine.ensure(mask)
+        chosen = selector.select(prompt)
+        match = chosen.match
+        report = engine.ensure(chosen.mask)
         text = engine.generate(prompt, max_new_tokens=args.tokens, do_sample=False, chat_template=False)[0]
         shown = (prompt + text).replace("\n", " ")[:70]
         print(f"{expected:9} {match.domain + ('?' if match.ood else ''):9} {match.similarity:5.2f} {report.loaded:6d} "

@@ -340,20 +340,30 @@ def read_queries(path: str | Path) -> list[tuple[int, str]]:
 
 def run(args) -> int:
     """`domex route`: one decision per query, all from one snapshot, with the model and embedder loaded once."""
+    from domex.store.budget import Budget
+
+    from .selection import MaskBook, Selector
+
     if (args.text is None) == (args.file is None):
         raise ConfigError("give one query as TEXT or a file of queries with --file, not both")
     queries = read_queries(args.file) if args.file else [(1, args.text)]
     store = Store.open(args.store, create=False)
-    matcher = open_matcher(args.matcher, store, args.pool, quantile=args.ood_quantile)
     snapshot = store.snapshot()
+    if not snapshot.names:
+        raise EmptyStore(f"{args.store}: no domains registered; register one with `domex register`")
+    num_layers, num_experts = snapshot.get(snapshot.names[0]).shape
+    masks = MaskBook(store, Budget.parse(args.budget), num_layers=num_layers, num_experts=num_experts)
+    selector = Selector(store, open_matcher(args.matcher, store, args.pool, quantile=args.ood_quantile), masks, args.policy)
     for start in range(0, len(queries), 64):
         chunk = queries[start:start + 64]
-        for (line, _), match in zip(chunk, matcher.match_many([t for _, t in chunk], snapshot=snapshot)):
+        for (line, _), chosen in zip(chunk, selector.select_many([t for _, t in chunk], snapshot)):
+            match, domains = chosen.match, "+".join(chosen.domains) if chosen.domains else "all experts"
             if args.json:
-                print(json.dumps({"line": line, **match.to_json()}, ensure_ascii=False), flush=True)
+                print(json.dumps({"line": line, **match.to_json(), "domains": domains, "kept": chosen.mask.fraction()},
+                                 ensure_ascii=False), flush=True)
             else:
                 c = match.check
                 print(f"{line}: {match.domain}{'  OUT-OF-DOMAIN' if match.ood else ''}  score={match.similarity:.3f}  "
                       f"margin={match.margin:.3f}  {c.view} {c.similarity:.3f}{'>=' if c.passed else '<'}{c.threshold:.3f}  "
-                      f"matcher={match.matcher}", flush=True)
+                      f"matcher={match.matcher}  serves={domains} ({chosen.mask.fraction():.0%} of experts)", flush=True)
     return 0

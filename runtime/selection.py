@@ -26,7 +26,8 @@ from .match import MATCHERS, POLICIES, Match, fallback_domains
 class ServeConfig:
     """The choices that decide how requests are served; `check()` refuses a bad one naming its flag."""
 
-    budget: str = "50%"
+    budget: str = "50%"  # each domain's mask
+    resident: str | None = None  # the expert cache's slots per layer (None: the budget's); room for several masks
     criterion: str = PRIMARY
     rule: str = "uniform"
     policy: str = "nearest"
@@ -34,16 +35,19 @@ class ServeConfig:
     ood_quantile: float | None = None
     dtype: str = "auto"
     scheduler: str = "continuous"
-    max_batch: int = 8
+    max_batch: int = 32
     max_waiting: int = 64
+    max_overtakes: int | None = None  # None: max_batch
 
     def check(self) -> "ServeConfig":
         from .serving import SCHEDULERS
 
-        try:
-            Budget.parse(self.budget)
-        except DomexError as e:
-            raise ConfigError(f"--budget: {e}") from None
+        for flag, value in (("--budget", self.budget), ("--resident", self.resident)):
+            try:
+                if value is not None:
+                    Budget.parse(value)
+            except DomexError as e:
+                raise ConfigError(f"{flag}: {e}") from None
         choices = [("--criterion", self.criterion, CRITERIA), ("--rule", self.rule, RULES),
                    ("--policy", self.policy, POLICIES), ("--matcher", self.matcher, MATCHERS),
                    ("--dtype", self.dtype, ("auto", *DTYPES)), ("--scheduler", self.scheduler, SCHEDULERS)]
@@ -52,10 +56,21 @@ class ServeConfig:
                 raise ConfigError(f"{flag} {value!r} is not one of: {', '.join(known)}")
         if self.ood_quantile is not None and not 0.0 < self.ood_quantile < 1.0:
             raise ConfigError(f"--ood-quantile {self.ood_quantile} must lie between 0 and 1")
-        for flag, value, least in (("--max-batch", self.max_batch, 1), ("--max-waiting", self.max_waiting, 0)):
-            if value < least:
+        for flag, value, least in (("--max-batch", self.max_batch, 1), ("--max-waiting", self.max_waiting, 0),
+                                   ("--max-overtakes", self.max_overtakes, 0)):
+            if value is not None and value < least:
                 raise ConfigError(f"{flag} {value} must be at least {least}")
         return self
+
+    def check_fits(self, manifest) -> None:
+        """Refuse a resident set smaller than one domain's mask: no request could ever be served."""
+        m = manifest
+        kept = Budget.parse(self.budget).experts_per_layer(m.num_layers, m.num_experts, m.expert_bytes, m.top_k)
+        slots = Budget.parse(self.resident or self.budget).experts_per_layer(m.num_layers, m.num_experts, m.expert_bytes,
+                                                                             m.top_k)
+        if slots < kept:
+            raise ConfigError(f"--resident {self.resident} holds {slots} experts per layer, fewer than the {kept} of one "
+                              f"domain's mask (--budget {self.budget}); raise --resident or lower --budget")
 
     @classmethod
     def from_args(cls, args) -> "ServeConfig":
@@ -109,7 +124,8 @@ class MaskBook:
 
 
 class Selector:
-    """Query text (or a forced domain) -> Selection; `observe(seconds, match)` hears every match (metrics)."""
+    """Query text (or a forced domain) -> Selection; `observe(seconds, matches)` hears every matching call
+    (matches is None when it raised): the server's metrics."""
 
     def __init__(self, store: Store, matcher, masks: MaskBook, policy: str = "nearest", observe=None):
         if policy not in POLICIES:
@@ -118,16 +134,23 @@ class Selector:
 
     def select(self, text: str, forced: str | None = None, snapshot: Snapshot | None = None) -> Selection:
         snapshot = snapshot or self.store.snapshot()
-        if forced is not None:
-            if forced not in snapshot:
-                raise UnknownDomain(f"forced domain {forced!r} is not registered; registered: {', '.join(snapshot.names)}")
-            return Selection(None, (forced,), self.masks.mask([forced], snapshot))
-        start = time.perf_counter()
-        match = None
+        if forced is None:
+            return self.select_many([text], snapshot)[0]
+        if forced not in snapshot:
+            raise UnknownDomain(f"forced domain {forced!r} is not registered; registered: {', '.join(snapshot.names)}")
+        return Selection(None, (forced,), self.masks.mask([forced], snapshot))
+
+    def select_many(self, texts: list[str], snapshot: Snapshot | None = None) -> list[Selection]:
+        """One Selection per text, all from one snapshot (matched in one batch)."""
+        snapshot = snapshot or self.store.snapshot()
+        start, matches = time.perf_counter(), None
         try:
-            match = self.matcher.match_many([text], snapshot=snapshot)[0]
+            matches = self.matcher.match_many(texts, snapshot=snapshot)
         finally:
             if self.observe is not None:
-                self.observe(time.perf_counter() - start, match)
-        domains = fallback_domains(match, self.policy, snapshot)
-        return Selection(match, None if domains is None else tuple(domains), self.masks.mask(domains, snapshot))
+                self.observe(time.perf_counter() - start, matches)
+        out = []
+        for match in matches:
+            domains = fallback_domains(match, self.policy, snapshot)
+            out.append(Selection(match, None if domains is None else tuple(domains), self.masks.mask(domains, snapshot)))
+        return out

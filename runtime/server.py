@@ -143,12 +143,13 @@ def create_app(state: ServerState) -> FastAPI:
         state.metrics.bytes_loaded.inc(report.bytes_read)
         state.metrics.resident.set(state.engine.stats().resident_bytes)
 
-    def on_match(seconds, match):
-        if match is None:
+    def on_match(seconds, matches):
+        if matches is None:
             state.metrics.match_errors.inc()
             return
         state.metrics.match_latency.observe(seconds)
-        state.metrics.matches.labels(match.domain, str(match.ood).lower()).inc()
+        for match in matches:
+            state.metrics.matches.labels(match.domain, str(match.ood).lower()).inc()
 
     state.selector.observe = on_match
     config = state.config
@@ -156,7 +157,7 @@ def create_app(state: ServerState) -> FastAPI:
         scheduler = SCHEDULERS["static"](state.engine, max_batch=config.max_batch, on_load=on_load)
     else:
         scheduler = SCHEDULERS["continuous"](state.engine, max_batch=config.max_batch, max_waiting=config.max_waiting,
-                                             on_load=on_load)
+                                             max_overtakes=config.max_overtakes, on_load=on_load)
     # prompts are tokenised on request threads with a tokenizer of their own: a fast tokenizer's padding and
     # truncation are state of the object (the matcher keeps its own copy for the same reason)
     tokenizer = copy.deepcopy(state.engine.tokenizer)
@@ -353,7 +354,9 @@ def run(args) -> int:
     from .selection import MaskBook
 
     config = ServeConfig.from_args(args)  # a bad flag stops the start here, named
-    engine = Engine.open(args.pool, budget=config.budget, device=args.device, dtype=config.dtype)  # checks files, sizes
+    engine = Engine.open(args.pool, budget=config.resident or config.budget, device=args.device,
+                         dtype=config.dtype)  # checks files, sizes
+    config.check_fits(engine.pool.manifest)
     if args.verify_pool:
         for bad in engine.pool.verify_checksums():
             log.warning("pool verification: %s failed its checksum; requests that need it will fail", bad)

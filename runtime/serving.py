@@ -6,14 +6,17 @@ and vLLM). At every step:
   admit   waiting requests join in FIFO order while the union of the running rows' masks and
           theirs fits the expert cache's slots in every layer (only that union is made resident,
           so no expert a running row needs is ever evicted); each is prefilled alone under its
-          own mask and its KV cache joins the batch, left-padded to the batch's length
+          own mask and its KV cache joins the batch, left-padded to the batch's length. When the
+          head does not fit, a later request that fits may overtake it, at most `max_overtakes`
+          times; then nothing joins until the running rows have left room for the head
   decode  one forward of every running row; layer by layer, row b's router chooses only among
           its own mask's experts ([B, E] allowed), exactly as if it were served alone
   leave   rows that finished (EOS, max_tokens, the model's context) or were cancelled leave at
           once; the KV columns no row needs any more are cut
 
-The head of the queue is never overtaken, so no request starves; the queue is bounded and a full
-queue refuses new requests (Overloaded, HTTP 429 with Retry-After).
+So no request starves: the head is overtaken a bounded number of times, and running rows end (max_tokens,
+the context). Requests that cannot join keep their FIFO order. The queue is bounded and a full queue
+refuses new requests (Overloaded, HTTP 429 with Retry-After).
 
 Why not transformers' own continuous batching (5.x, `generate_batch`/`ContinuousBatchingManager`):
 it can carry per-row masks only through private hooks (its batch processor and scheduler), shares
@@ -146,13 +149,17 @@ class Row:
 class ContinuousScheduler:
     """The one thread that runs the engine, step by step; see the module docstring."""
 
-    def __init__(self, engine, *, max_batch: int = 8, max_waiting: int = 64, on_load=None, seed: int = 0):
+    def __init__(self, engine, *, max_batch: int = 8, max_waiting: int = 64, max_overtakes: int | None = None,
+                 on_load=None, seed: int = 0):
         self.engine, self.max_batch, self.max_waiting, self.on_load = engine, max_batch, max_waiting, on_load
+        self.max_overtakes = max_batch if max_overtakes is None else max_overtakes
+        self.overtaken = 0  # times the current head of the queue was overtaken
         self.waiting: collections.deque[Job] = collections.deque()
         self.cond = threading.Condition()
         self.rows: list[Row] = []
         self.cache: DynamicCache | None = None
         self.attention: torch.Tensor | None = None  # [B, T] 1 = a real token of that row
+        self._routed: list[int] | None = None  # ids of the jobs the routers' per-row masks were last set for
         self.generator = torch.Generator().manual_seed(seed)
         self.context = int(getattr(engine.model.config, "max_position_embeddings", 0) or 0) or None
         self.tokenizer = optional_tokenizer(engine)
@@ -185,17 +192,24 @@ class ContinuousScheduler:
         with self.cond:
             while not self.rows and not self.waiting:
                 self.cond.wait()
+            for job in [j for j in self.waiting if j.cancelled.is_set()]:
+                self.waiting.remove(job)
             admitted: list[Job] = []
             union = _union(self.running_masks())
-            while self.waiting and len(self.rows) + len(admitted) < self.max_batch:
-                head = self.waiting[0]
-                if head.cancelled.is_set():
-                    self.waiting.popleft()
-                    continue
-                joined = head.mask if union is None else union.union(head.mask)
+            for i, job in enumerate(list(self.waiting)):
+                if len(self.rows) + len(admitted) >= self.max_batch:
+                    break
+                joined = job.mask if union is None else union.union(job.mask)
                 if max(joined.kept_counts()) > self.engine.cache.num_slots:
-                    break  # the head waits for running rows to leave; nobody overtakes it
-                admitted.append(self.waiting.popleft())
+                    continue  # waits for running rows to leave room
+                if job is not self.waiting[0]:
+                    if self.overtaken >= self.max_overtakes:
+                        break  # the head has waited long enough: let the batch drain for it
+                    self.overtaken += 1
+                else:
+                    self.overtaken = 0
+                self.waiting.remove(job)
+                admitted.append(job)
                 union = joined
             return admitted
 
@@ -207,6 +221,7 @@ class ContinuousScheduler:
             if self.on_load:
                 self.on_load(report)
             engine.allow_rows([job.mask])
+            self._routed = None
             cache = DynamicCache()
             ids = torch.tensor([job.ids], device=engine.device)
             with torch.no_grad():
@@ -222,7 +237,9 @@ class ContinuousScheduler:
 
     def _decode(self) -> None:
         engine = self.engine
-        engine.allow_rows(self.running_masks())
+        if self._routed != [id(r.job) for r in self.rows]:
+            engine.allow_rows(self.running_masks())
+            self._routed = [id(r.job) for r in self.rows]
         ids = torch.tensor([[r.next_token] for r in self.rows], device=engine.device)  # [B, 1]
         positions = torch.tensor([[r.position] for r in self.rows], device=engine.device)  # [B, 1]
         attention = F.pad(self.attention, (0, 1), value=1)  # [B, T + 1]

@@ -64,3 +64,15 @@ def test_jsonl_reads_the_text_field_and_a_bad_line_names_file_and_line(setup, ca
 def test_the_default_matcher_without_a_pool_is_a_clear_error(setup, capsys):
     rc, out, err = route(capsys, "--store", str(setup / "store"), TEXTS[0])
     assert rc == 2 and out == "" and "--pool" in err
+
+
+def test_each_decision_names_the_domains_the_policy_serves_it_with(setup, capsys, tmp_path):
+    """The same selection as `domex serve`: an in-domain query gets its domain's mask under the budget;
+    an out-of-domain one what the fallback policy gives (full: every expert)."""
+    queries = tmp_path / "q.txt"
+    queries.write_text(f"{TEXTS[0]}\n{TEXTS[2]}\n")
+    rc, out, _ = route(capsys, "--store", str(setup / "store"), "--matcher", "embedding", "--file", str(queries), "--json",
+                       "--policy", "full", "--budget", "4")
+    inside, outside = [json.loads(line) for line in out.splitlines()]
+    assert rc == 0 and inside["domains"] == "cooking" and inside["kept"] == pytest.approx(4 / 8)
+    assert outside["ood"] and outside["domains"] == "all experts" and outside["kept"] == 1.0

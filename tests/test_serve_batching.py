@@ -82,10 +82,19 @@ def test_a_full_waiting_queue_answers_429_with_retry_after(tmp_path):
 
 @pytest.mark.parametrize("flag, value", [("--criterion", "bogus"), ("--rule", "bogus"), ("--policy", "bogus"),
                                          ("--matcher", "bogus"), ("--dtype", "float8"), ("--scheduler", "bogus"),
-                                         ("--budget", "lots"), ("--max-waiting", "-1")])
+                                         ("--budget", "lots"), ("--resident", "lots"), ("--max-waiting", "-1")])
 def test_a_bad_serve_flag_stops_the_start_naming_it(tmp_path, flag, value):
     r = subprocess.run([sys.executable, "-m", "domex.runtime.cli", "serve", "--pool", str(tmp_path / "none"),
                         "--store", str(tmp_path / "none"), flag, value], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and flag in lines[0] and "Traceback" not in r.stderr, r.stderr
+
+
+def test_a_resident_set_smaller_than_one_mask_stops_the_start(tmp_path):
+    build(tiny_checkpoint(tmp_path / "model"), tmp_path / "pool", progress=False)
+    r = subprocess.run([sys.executable, "-m", "domex.runtime.cli", "serve", "--pool", str(tmp_path / "pool"), "--store",
+                        str(tmp_path / "store"), "--budget", "50%", "--resident", "3"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "--resident 3 holds 3 experts per layer, fewer than the 4" in r.stderr

@@ -146,34 +146,58 @@ def test_a_request_waits_until_its_experts_fit_and_running_experts_stay(pools, m
     assert evicted_while_running == []
 
 
-def test_admission_is_fifo_and_the_queue_is_bounded(pools):
-    engine = Engine.open(pools["olmoe"], budget="4")
-    blocker = Mask.of(E, [[0, 1, 2, 3]] * L)
-    other = Mask.of(E, [[4, 5, 6, 7]] * L)
-    scheduler = ContinuousScheduler(engine, max_batch=4, max_waiting=2)
-    ids = prompts(4, seed=7)
-    running = Outcome()
-    scheduler.submit(running.job(ids[0], blocker, 40))
-    time.sleep(0.05)  # the blocker is decoding: the next two wait for its slots
+def started_in_order(jobs: dict[str, Job]) -> list[str]:
+    """Wraps each job's emit to record the order in which the jobs streamed their first text."""
     order, lock = [], threading.Lock()
+    for name, job in jobs.items():
+        def emit(text, name=name, original=job.emit):
+            original(text)
+            with lock:
+                if name not in order:
+                    order.append(name)
+        job.emit = emit
+    return order
 
-    def waiter(name, mask):
-        o = Outcome()
-        job = o.job(ids[1], mask, 2)
-        original = job.emit
-        job.emit = lambda text: (original(text), lock.acquire(), order.append(name) if name not in order else None,
-                                 lock.release())
-        return o, job
 
-    (w1, j1), (w2, j2) = waiter("first", other), waiter("second", blocker)
-    scheduler.submit(j1)  # needs the blocker's slots
-    scheduler.submit(j2)  # would fit now, but must not overtake the head
-    with pytest.raises(Overloaded) as full:
-        scheduler.submit(Outcome().job(ids[2], blocker, 2))
-    assert full.value.http_status == 429 and full.value.retry_after >= 1
-    for o in (running, w1, w2):
+def test_a_request_that_fits_overtakes_the_head_a_bounded_number_of_times(pools):
+    """S=4: the head needs the running row's slots; one later request that fits may overtake it
+    (max_overtakes=1), the next one waits behind the head: no starvation, and the rest stays FIFO."""
+    engine = Engine.open(pools["olmoe"], budget="4")
+    a, b = Mask.of(E, [[0, 1, 2, 3]] * L), Mask.of(E, [[4, 5, 6, 7]] * L)
+    scheduler = ContinuousScheduler(engine, max_batch=4, max_overtakes=1)
+    ids = prompts(4, seed=7)
+    outcomes = {name: Outcome() for name in ("running", "head", "second", "third")}
+    jobs = {"running": outcomes["running"].job(ids[0], a, 40), "head": outcomes["head"].job(ids[1], b, 2),
+            "second": outcomes["second"].job(ids[2], a, 2), "third": outcomes["third"].job(ids[3], a, 2)}
+    order = started_in_order(jobs)
+    scheduler.submit(jobs["running"])
+    while not jobs["running"].tokens:
+        time.sleep(0.002)
+    for name in ("head", "second", "third"):
+        scheduler.submit(jobs[name])
+    for o in outcomes.values():
         assert o.done.wait(60) and o.error is None
-    assert order == ["first", "second"]
+    assert order == ["running", "second", "head", "third"]
+
+
+def test_the_waiting_queue_is_bounded(pools):
+    engine = Engine.open(pools["olmoe"], budget="4")
+    a, b = Mask.of(E, [[0, 1, 2, 3]] * L), Mask.of(E, [[4, 5, 6, 7]] * L)
+    scheduler = ContinuousScheduler(engine, max_batch=4, max_waiting=2, max_overtakes=0)
+    ids = prompts(3, seed=8)
+    running = Outcome()
+    job = running.job(ids[0], a, 30)
+    scheduler.submit(job)
+    while not job.tokens:
+        time.sleep(0.002)
+    waiting = [Outcome() for _ in range(2)]
+    for o in waiting:
+        scheduler.submit(o.job(ids[1], b, 2))  # need the running row's slots: they wait
+    with pytest.raises(Overloaded) as full:
+        scheduler.submit(Outcome().job(ids[2], b, 2))
+    assert full.value.http_status == 429 and full.value.retry_after >= 1 and "--max-waiting" in str(full.value)
+    for o in [running, *waiting]:
+        assert o.done.wait(60) and o.error is None
 
 
 def test_a_cancelled_row_leaves_and_frees_its_place(pools):

@@ -12,8 +12,9 @@ Measures, in one run:
     close the int8 ONNX vectors are to the PyTorch ones (mean cosine, nearest-neighbour agreement);
   - end-to-end serving by `domex serve` (a real server process on a loopback port): mixed-domain
     user queries, max_tokens 8-128, greedy, streamed, at concurrency 1, 8 and 32: generated tokens/s,
-    time to first token (TTFT) and latency p50/p99; in the same run the static scheduler (the
-    baseline `--scheduler static`) and the full model (every expert, continuous batching);
+    time to first token (TTFT) and latency p50/p99 with masks of --budget and --resident slots; in
+    the same run the static scheduler (the baseline `--scheduler static`), the full model (every
+    expert, continuous batching), and both schedulers at concurrency 32 with slots for one mask only;
   - batch invariance: the share of mixed-domain requests whose greedy tokens in one continuous
     batch equal their solo run, in fp32 and in bf16.
 """
@@ -296,18 +297,21 @@ def traffic(url: str, work: list[tuple[str, int]], concurrency: int) -> dict:
             "latency_p99_ms": float(np.percentile(latency, 99) * 1e3)}
 
 
-def bench_e2e(pool: Path, store: Path, budget: str, requests: int) -> dict:
-    """Mixed-domain user queries, max_tokens 8-128, greedy, streamed: the continuous scheduler under the
-    budget, and in the same run the static scheduler (same budget) and the full model (every expert)."""
+def bench_e2e(pool: Path, store: Path, budget: str, resident: str, requests: int) -> dict:
+    """Mixed-domain user queries, max_tokens 8-128, greedy, streamed: the continuous scheduler (masks of
+    `budget`, `resident` slots), and in the same run the static scheduler (same flags), the full model
+    (every expert, continuous) and both schedulers with only one mask's slots (resident = budget: `_tight`)."""
     texts, _ = user_queries()
     rng = np.random.default_rng(0)
     work = [(t, int(rng.integers(8, 129))) for t in texts[:requests]]
+    flags = ["--budget", budget, "--resident", resident]
     out = {}
-    for suffix, flags in (("", ["--budget", budget]), ("_static", ["--budget", budget, "--scheduler", "static"]),
-                          ("_full", ["--budget", "100%"])):
-        with serve(pool, store, flags) as url:
+    for suffix, extra, levels in (("", flags, (1, 8, 32)), ("_static", flags + ["--scheduler", "static"], (1, 8, 32)),
+                                  ("_full", ["--budget", "100%"], (1, 8, 32)), ("_tight", ["--budget", budget], (32,)),
+                                  ("_static_tight", ["--budget", budget, "--scheduler", "static"], (32,))):
+        with serve(pool, store, extra) as url:
             traffic(url, work[:4], 4)  # warm up: embedder, index, first expert loads
-            for concurrency in (1, 8, 32):
+            for concurrency in levels:
                 shown = work[:max(8, requests // 4)] if concurrency == 1 else work
                 for key, value in traffic(url, shown, concurrency).items():
                     out[f"{key}_c{concurrency}{suffix}"] = value
@@ -316,7 +320,8 @@ def bench_e2e(pool: Path, store: Path, budget: str, requests: int) -> dict:
     return out
 
 
-def batch_agreement(pool: Path, store_dir: Path, budget: str, dtype: str, requests: int = 16, tokens: int = 24) -> float:
+def batch_agreement(pool: Path, store_dir: Path, budget: str, resident: str, dtype: str, requests: int = 16,
+                    tokens: int = 24) -> float:
     """Share of mixed-domain requests whose greedy tokens in one continuous batch equal their solo `generate`."""
     import threading
 
@@ -329,7 +334,7 @@ def batch_agreement(pool: Path, store_dir: Path, budget: str, dtype: str, reques
     from domex.store.db import Store
 
     store = Store.open(store_dir, create=False)
-    engine = Engine.open(pool, budget=budget, dtype=dtype)
+    engine = Engine.open(pool, budget=resident, dtype=dtype)
     m = engine.pool.manifest
     masks = MaskBook(store, Budget.parse(budget), num_layers=m.num_layers, num_experts=m.num_experts)
     texts, domains = user_queries()
@@ -342,7 +347,7 @@ def batch_agreement(pool: Path, store_dir: Path, budget: str, dtype: str, reques
     done = threading.Semaphore(0)
     jobs = [Job(ids, tokens, 0.0, 1.0, mask, emit=lambda text: None, finish=lambda reason, usage: done.release(),
                 fail=lambda exc: done.release()) for ids, mask in cases]
-    scheduler = ContinuousScheduler(engine, max_batch=8)
+    scheduler = ContinuousScheduler(engine, max_batch=requests)
     for job in jobs:
         scheduler.submit(job)
     for _ in jobs:
@@ -356,7 +361,8 @@ def main() -> int:
     ap.add_argument("--pool")
     ap.add_argument("--store")
     ap.add_argument("--work", default=".domex", help="where the pool and store are built when not given")
-    ap.add_argument("--budget", default="50%")
+    ap.add_argument("--budget", default="50%", help="each domain's mask (serve --budget)")
+    ap.add_argument("--resident", default="100%", help="expert slots per layer (serve --resident)")
     ap.add_argument("--passages", type=int, default=40, help="held-out passages per domain for matching")
     ap.add_argument("--requests", type=int, default=64, help="requests per concurrency level (a quarter at concurrency 1)")
     ap.add_argument("--json", default="bench_serve.json")
@@ -373,9 +379,9 @@ def main() -> int:
     load = os.getloadavg()
     result = bench_matching(pool, store, texts)
     result.update(bench_embedding(QUERIES))
-    result.update(bench_e2e(pool, store, args.budget, args.requests))
-    result["batch_agreement_fp32"] = batch_agreement(pool, store, args.budget, "float32")
-    result["batch_agreement_bf16"] = batch_agreement(pool, store, args.budget, "bfloat16")
+    result.update(bench_e2e(pool, store, args.budget, args.resident, args.requests))
+    result["batch_agreement_fp32"] = batch_agreement(pool, store, args.budget, args.resident, "float32")
+    result["batch_agreement_bf16"] = batch_agreement(pool, store, args.budget, args.resident, "bfloat16")
     import torch
 
     result["machine"] = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
@@ -410,6 +416,9 @@ def main() -> int:
               for c in (1, 8, 32)],
             ("requests/s, concurrency 1 / 8", f"{result['e2e_rps_c1']:.2f} / {result['e2e_rps_c8']:.2f}",
              "max_tokens 8-128, streamed"),
+            ("tokens/s c32, resident = budget", f"{result['tps_c32_tight']:.0f}",
+             f"static {result['tps_c32_static_tight']:.0f} ({result['tps_c32_tight'] / result['tps_c32_static_tight']:.2f}x); "
+             f"TTFT p99 {result['ttft_p99_ms_c32_tight']:.0f} vs static {result['ttft_p99_ms_c32_static_tight']:.0f} ms"),
             ("batch = solo, fp32 / bf16", f"{result['batch_agreement_fp32']:.0%} / {result['batch_agreement_bf16']:.0%}",
              "greedy tokens of mixed-domain rows in one batch vs each alone")]
     print(f"| {'measure':32} | {'value':>12} | note |\n| {'-' * 32} | {'-' * 12} | --- |")
