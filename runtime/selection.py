@@ -1,7 +1,7 @@
 """Selection: query -> Match -> fallback policy -> domains -> Mask, all read from one store snapshot.
 
-The server, `domex route`, the demo and the evaluation ask the same question (which experts serve
-this text?) and get the same answer from here. `ServeConfig` holds the serving choices and checks
+The server, `domex route` and the demo ask the same question (which experts serve this text?) and
+get the same answer from here; `domex eval` scores the matcher itself (runtime/evaluate.py). `ServeConfig` holds the serving choices and checks
 them once, at start, so a bad flag stops `domex serve` with a message naming it instead of failing
 every request later.
 """

@@ -5,8 +5,9 @@ and vLLM). At every step:
 
   admit   waiting requests join in FIFO order while the union of the running rows' masks and
           theirs fits the expert cache's slots in every layer (only that union is made resident,
-          so no expert a running row needs is ever evicted); each is prefilled alone under its
-          own mask and its KV cache joins the batch, left-padded to the batch's length. When the
+          so no expert a running row needs is ever evicted); the ones joining together are
+          prefilled in one left-padded batch, each row under its own mask, and their KV caches
+          join the running batch, left-padded to one length. When the
           head does not fit, a later request that fits may overtake it, at most `max_overtakes`
           times; then nothing joins until the running rows have left room for the head
   decode  one forward of every running row; layer by layer, row b's router chooses only among
@@ -26,7 +27,7 @@ share them), and sizes its paged cache at ~10 GiB by default. This loop uses pub
 works the same for every family. Measured on this project's 2-core CPU (../shared/research/
 continuous_batching.md): 16 staggered requests, 16/16 equal to their solo runs in fp32.
 
-Isolation: a prompt that fails its prefill fails alone; a failed decode step fails the rows of
+Isolation: when a prefill raises, its prompts are prefilled again one by one, so a faulty one fails alone; a failed decode step fails the rows of
 that step (they have streamed text already, so a rerun would send it twice).
 
 `StaticScheduler` is the earlier design, kept as the baseline of `--scheduler static` and of the
@@ -118,24 +119,41 @@ def sample(logits: torch.Tensor, temperature: list[float], top_p: list[float], g
     return out
 
 
-def merge(batch: DynamicCache | None, attention: torch.Tensor | None, row: DynamicCache,
-          row_len: int) -> tuple[DynamicCache, torch.Tensor]:
-    """The batch's KV cache and attention mask [B, T] with one more row, both left-padded to one length."""
-    width = max(row_len, attention.shape[1] if attention is not None else 0)
-    layers = []
-    for i, layer in enumerate(row.layers):
-        k = F.pad(layer.keys, (0, 0, width - row_len, 0))  # [1, heads, T, d]
-        v = F.pad(layer.values, (0, 0, width - row_len, 0))
-        if batch is not None:
-            old = batch.layers[i]
-            pad = width - old.keys.shape[-2]
-            k = torch.cat([F.pad(old.keys, (0, 0, pad, 0)), k])
-            v = torch.cat([F.pad(old.values, (0, 0, pad, 0)), v])
-        layers.append((k, v))
-    mask = F.pad(torch.ones(1, row_len, dtype=torch.long), (width - row_len, 0))
+def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids [B, T] padded on the left (decoder-only generation) and their attention mask [B, T]."""
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows])
+    attention = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    return ids, attention
+
+
+def merge(batch: DynamicCache | None, attention: torch.Tensor | None, rows: DynamicCache,
+          rows_attention: torch.Tensor) -> tuple[DynamicCache, torch.Tensor]:
+    """The batch's KV cache and attention mask [B, T] with new rows appended, all left-padded to one length."""
+    width = max(rows_attention.shape[1], attention.shape[1] if attention is not None else 0)
+
+    def pad(t: torch.Tensor) -> torch.Tensor:  # [B, heads, T, d] -> [B, heads, width, d], zeros on the left
+        return F.pad(t, (0, 0, width - t.shape[-2], 0))
+
+    if batch is None:
+        layers = [(pad(layer.keys), pad(layer.values)) for layer in rows.layers]
+    else:
+        layers = [(torch.cat([pad(old.keys), pad(new.keys)]), torch.cat([pad(old.values), pad(new.values)]))
+                  for old, new in zip(batch.layers, rows.layers)]
+    mask = F.pad(rows_attention, (width - rows_attention.shape[1], 0))
     if attention is not None:
         mask = torch.cat([F.pad(attention, (width - attention.shape[1], 0)), mask])
     return DynamicCache(layers), mask
+
+
+def select_rows(cache: DynamicCache, attention: torch.Tensor, keep: list[int]) -> tuple[DynamicCache, torch.Tensor]:
+    """Only the rows in `keep`, without the leading columns none of them attends to."""
+    index = torch.tensor(keep)
+    attention = attention[index]
+    start = int(attention.any(dim=0).long().argmax())  # the first column some row still attends to
+    layers = [(layer.keys[index.to(layer.keys.device), :, start:], layer.values[index.to(layer.values.device), :, start:])
+              for layer in cache.layers]
+    return DynamicCache(layers), attention[:, start:]
 
 
 @dataclass
@@ -182,8 +200,9 @@ class ContinuousScheduler:
 
     def _loop(self) -> None:
         while True:
-            for job in self._admissible():
-                self._prefill(job)
+            admitted = self._admissible()
+            if admitted:
+                self._prefill(admitted)
             if self.rows:
                 self._decode()
 
@@ -213,27 +232,37 @@ class ContinuousScheduler:
                 union = joined
             return admitted
 
-    def _prefill(self, job: Job) -> None:
-        """Run the prompt alone under its own mask, emit its first token, and join the batch."""
+    def _prefill(self, jobs: list[Job]) -> None:
+        """Run the new prompts (one left-padded batch, each row under its own mask), emit each one's first
+        token, and join the running batch. When that raises, each prompt runs alone: only a faulty one fails."""
         engine = self.engine
         try:
-            report = engine.ensure(_union(self.running_masks() + [job.mask]))
+            report = engine.ensure(_union(self.running_masks() + [j.mask for j in jobs]))
             if self.on_load:
                 self.on_load(report)
-            engine.allow_rows([job.mask])
+            engine.allow_rows([j.mask for j in jobs])
             self._routed = None
+            ids, attention = left_pad([j.ids for j in jobs], 0)
             cache = DynamicCache()
-            ids = torch.tensor([job.ids], device=engine.device)
             with torch.no_grad():
-                logits = engine.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
-            token = sample(logits, [job.temperature], [job.top_p], self.generator)[0]
-        except Exception as e:  # this prompt's own failure; the batch goes on
-            job.fail(e)
+                logits = engine.model(input_ids=ids.to(engine.device), attention_mask=attention.to(engine.device),
+                                      position_ids=(attention.cumsum(-1) - 1).clamp(min=0).to(engine.device),
+                                      cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+            tokens = sample(logits, [j.temperature for j in jobs], [j.top_p for j in jobs], self.generator)
+        except Exception as e:
+            if len(jobs) == 1:
+                jobs[0].fail(e)  # this prompt's own failure; the batch goes on
+            else:
+                for job in jobs:
+                    self._prefill([job])
             return
-        row = Row(job, TextStream(self.tokenizer, job) if self.tokenizer is not None else None, len(job.ids) - 1, token)
-        if self._take(row, token):
-            self.cache, self.attention = merge(self.cache, self.attention, cache, len(job.ids))
-            self.rows.append(row)
+        rows = [Row(j, TextStream(self.tokenizer, j) if self.tokenizer is not None else None, len(j.ids) - 1, t)
+                for j, t in zip(jobs, tokens)]
+        keep = [i for i, (row, t) in enumerate(zip(rows, tokens)) if self._take(row, t)]
+        if keep:
+            cache, attention = select_rows(cache, attention, keep) if len(keep) < len(jobs) else (cache, attention)
+            self.cache, self.attention = merge(self.cache, self.attention, cache, attention)
+            self.rows += [rows[i] for i in keep]
 
     def _decode(self) -> None:
         engine = self.engine
@@ -279,17 +308,12 @@ class ContinuousScheduler:
         return True
 
     def _leave(self, keep: list[int]) -> None:
-        """Drop the rows not in `keep` from the batch, its KV cache and mask; cut columns no row uses."""
+        """Drop the rows not in `keep` from the batch, its KV cache and mask."""
         self.rows = [self.rows[i] for i in keep]
-        if not keep:
+        if keep:
+            self.cache, self.attention = select_rows(self.cache, self.attention, keep)
+        else:
             self.cache, self.attention = None, None
-            return
-        index = torch.tensor(keep)
-        attention = self.attention[index]
-        start = int(attention.any(dim=0).long().argmax())  # the first column some row still attends to
-        self.attention = attention[:, start:]
-        self.cache = DynamicCache([(layer.keys[index.to(layer.keys.device), :, start:],
-                                    layer.values[index.to(layer.values.device), :, start:]) for layer in self.cache.layers])
 
 
 def _union(masks: list[Mask]) -> Mask | None:
@@ -332,14 +356,6 @@ class _RowStop(StoppingCriteria):
 
     def __call__(self, input_ids, scores, **kwargs) -> torch.BoolTensor:
         return torch.tensor([j.cancelled.is_set() or len(j.tokens) >= j.max_tokens for j in self.jobs])
-
-
-def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids [B, T] padded on the left (decoder-only generation) and their attention mask [B, T]."""
-    width = max(len(r) for r in rows)
-    ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows])
-    attention = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-    return ids, attention
 
 
 class StaticScheduler:

@@ -13,8 +13,9 @@ Measures, in one run:
   - end-to-end serving by `domex serve` (a real server process on a loopback port): mixed-domain
     user queries, max_tokens 8-128, greedy, streamed, at concurrency 1, 8 and 32: generated tokens/s,
     time to first token (TTFT) and latency p50/p99 with masks of --budget and --resident slots; in
-    the same run the static scheduler (the baseline `--scheduler static`), the full model (every
-    expert, continuous batching), and both schedulers at concurrency 32 with slots for one mask only;
+    the same run the static scheduler as it served before (`--scheduler static --max-batch 8`; at
+    concurrency 32 also with batches of 32), the full model (every expert, continuous batching), and
+    both schedulers at concurrency 32 with slots for one mask only;
   - batch invariance: the share of mixed-domain requests whose greedy tokens in one continuous
     batch equal their solo run, in fp32 and in bf16.
 """
@@ -300,15 +301,19 @@ def traffic(url: str, work: list[tuple[str, int]], concurrency: int) -> dict:
 def bench_e2e(pool: Path, store: Path, budget: str, resident: str, requests: int) -> dict:
     """Mixed-domain user queries, max_tokens 8-128, greedy, streamed: the continuous scheduler (masks of
     `budget`, `resident` slots), and in the same run the static scheduler (same flags), the full model
-    (every expert, continuous) and both schedulers with only one mask's slots (resident = budget: `_tight`)."""
+    (every expert, continuous) and both schedulers with only one mask's slots (resident = budget: `_tight`).
+    The static scheduler runs as it did before continuous batching (batches of 8); `_static32` with the
+    same cap as the continuous one."""
     texts, _ = user_queries()
     rng = np.random.default_rng(0)
     work = [(t, int(rng.integers(8, 129))) for t in texts[:requests]]
     flags = ["--budget", budget, "--resident", resident]
     out = {}
-    for suffix, extra, levels in (("", flags, (1, 8, 32)), ("_static", flags + ["--scheduler", "static"], (1, 8, 32)),
+    static = ["--scheduler", "static", "--max-batch", "8"]  # as it served before continuous batching
+    for suffix, extra, levels in (("", flags, (1, 8, 32)), ("_static", flags + static, (1, 8, 32)),
+                                  ("_static32", flags + ["--scheduler", "static"], (32,)),
                                   ("_full", ["--budget", "100%"], (1, 8, 32)), ("_tight", ["--budget", budget], (32,)),
-                                  ("_static_tight", ["--budget", budget, "--scheduler", "static"], (32,))):
+                                  ("_static_tight", ["--budget", budget, *static], (32,))):
         with serve(pool, store, extra) as url:
             traffic(url, work[:4], 4)  # warm up: embedder, index, first expert loads
             for concurrency in levels:
@@ -416,6 +421,9 @@ def main() -> int:
               for c in (1, 8, 32)],
             ("requests/s, concurrency 1 / 8", f"{result['e2e_rps_c1']:.2f} / {result['e2e_rps_c8']:.2f}",
              "max_tokens 8-128, streamed"),
+            ("static, batches of 32, c32", f"{result['tps_c32_static32']:.0f} tok/s",
+             f"TTFT p99 {result['ttft_p99_ms_c32_static32']:.0f} ms; continuous {result['tps_c32'] / result['tps_c32_static32']:.2f}x "
+             f"tokens/s, {result['ttft_p99_ms_c32_static32'] / result['ttft_p99_ms_c32']:.1f}x lower TTFT p99"),
             ("tokens/s c32, resident = budget", f"{result['tps_c32_tight']:.0f}",
              f"static {result['tps_c32_static_tight']:.0f} ({result['tps_c32_tight'] / result['tps_c32_static_tight']:.2f}x); "
              f"TTFT p99 {result['ttft_p99_ms_c32_tight']:.0f} vs static {result['ttft_p99_ms_c32_static_tight']:.0f} ms"),
