@@ -11,11 +11,12 @@ from dataclasses import dataclass
 import torch
 
 from domex.store.budget import Budget
-from domex.store.errors import CacheTooSmall
+from domex.errors import CacheTooSmall
 from domex.store.mask import Mask
 
 from . import device as dev
-from .pool import Pool, dtype_of
+from .checkpoint import dtype_of
+from .pool import Pool
 
 
 @dataclass(frozen=True)

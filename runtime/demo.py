@@ -58,10 +58,12 @@ def plot_masks(masks: dict, num_experts: int, path: Path) -> None:
     save_figure(fig, path, dpi=110)
 
 
-def run(args) -> int:
+def demo_command(model: str | None = None, work: str = ".domex", budget: str = "50%", tokens: int = 24,
+                 passages: int = 40, matcher: str = "hybrid") -> int:
+    """`domex demo`."""
     from domex.store.budget import Budget
     from domex.store.db import Store
-    from domex.store.errors import PoolError
+    from domex.errors import PoolError
 
     from domex.store.mask import Mask
 
@@ -73,9 +75,9 @@ def run(args) -> int:
     from .selection import MaskBook, Selector
 
     start = time.perf_counter()
-    work = Path(args.work)
+    work = Path(work)
     pool_dir, store_dir = work / "pool", work / "store"
-    model = Path(args.model)
+    model = Path(model or MODEL)
     if not (model / "config.json").is_file():
         raise PoolError(f"no model at {model} (config.json missing); the demo model ships in {MODEL}")
     if not (pool_dir / MANIFEST).is_file():
@@ -88,17 +90,17 @@ def run(args) -> int:
             register(pool_dir, store, pack.stem, pack)
     print(f"store {store_dir}: {len(store.names())} domains ({', '.join(store.names())})\n")
 
-    engine = Engine.open(pool_dir, budget=args.budget)
+    engine = Engine.open(pool_dir, budget=budget)
     manifest = engine.pool.manifest
-    masks = MaskBook(store, Budget.parse(args.budget), num_layers=manifest.num_layers, num_experts=manifest.num_experts)
-    selector = Selector(store, make_matcher(args.matcher, store, engine=engine), masks, policy="nearest")
-    print(f"{args.matcher} matcher; '?' marks a query it finds out-of-domain (served by the nearest domain)")
+    masks = MaskBook(store, Budget.parse(budget), num_layers=manifest.num_layers, num_experts=manifest.num_experts)
+    selector = Selector(store, make_matcher(matcher, store, engine=engine), masks, policy="nearest")
+    print(f"{matcher} matcher; '?' marks a query it finds out-of-domain (served by the nearest domain)")
     print(f"{'expected':9} {'matched':9} {'sim':>5} {'loaded':>6} {'switch':>8}  generated")
     for expected, prompt in QUERIES:
         chosen = selector.select(prompt)
         match = chosen.match
         report = engine.ensure(chosen.mask)
-        text = engine.generate(prompt, max_new_tokens=args.tokens, do_sample=False, chat_template=False)[0]
+        text = engine.generate(prompt, max_new_tokens=tokens, do_sample=False, chat_template=False)[0]
         shown = (prompt + text).replace("\n", " ")[:70]
         print(f"{expected:9} {match.domain + ('?' if match.ood else ''):9} {match.similarity:5.2f} {report.loaded:6d} "
               f"{report.seconds * 1e3:6.1f}ms  {shown}")
@@ -114,11 +116,11 @@ def run(args) -> int:
     everything = Mask.full(manifest.num_layers, manifest.num_experts)
     tok = engine.tokenizer
     context = context_length(engine.model.config, None)
-    print(f"held-out next-token accuracy ({args.passages} passages per domain, budget {args.budget}):")
+    print(f"held-out next-token accuracy ({passages} passages per domain, budget {budget}):")
     print(f"{'domain':9} {'full':>6} {'mask':>6} {'kept':>6}")
     domain_masks = {}
     for name in store.names():
-        data = batches(load_split(tok, PACKS / "eval", name, args.passages, context), 8, tok.pad_token_id or 0)
+        data = batches(load_split(tok, PACKS / "eval", name, passages, context), 8, tok.pad_token_id or 0)
         domain_masks[name] = masks.mask([name])
         full = score_mask(full_engine, everything, data).accuracy
         pruned = score_mask(engine, domain_masks[name], data).accuracy

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import torch
 
-from domex.store.errors import ConfigError
+from domex.errors import ConfigError
 
 
 def resolve(device: str | torch.device) -> torch.device:
     """A torch.device, refusing an accelerator this machine does not have (with what to pass instead)."""
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {str(device)!r} was asked for but CUDA is not available here; pass device='cpu'")
+        raise ConfigError(f"device {str(device)!r} was asked for but CUDA is not available here; pass device='cpu' (--device cpu)")
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     return device

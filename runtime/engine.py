@@ -10,20 +10,20 @@ layer is ever materialised.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from domex.store.budget import Budget
-from domex.store.errors import MaskError, PoolError
+from domex.errors import MaskError, PoolError
 from domex.store.mask import Mask
 
 from . import device as dev
 from .cache import ExpertCache, LoadReport
-from .pool import Pool, dtype_of, load_skeleton, open_pool
-from .routing import SOFTMAX_MODES, allow_rows, restrict_router
+from .checkpoint import dtype_of
+from .pool import Pool, load_skeleton, load_tokenizer, open_pool
+from .routing import allow_rows, check_mode, restrict_router
 
 
 @dataclass(frozen=True)
@@ -58,8 +58,7 @@ class Engine:
         `fingerprint`, when given, must be the pool's (e.g. the store's): another model's is refused.
         `dtype`: the compute dtype (None: the checkpoint's; 'auto', 'float32', 'bfloat16': see device.compute_dtype).
         """
-        if mode not in SOFTMAX_MODES:
-            raise ValueError(f"unknown softmax restriction mode {mode!r}; use one of {SOFTMAX_MODES}")
+        check_mode(mode)
         pool = open_pool(pool)
         try:
             if fingerprint is not None:
@@ -114,12 +113,7 @@ class Engine:
     @property
     def tokenizer(self):
         if self._tokenizer is None:
-            from transformers import AutoTokenizer
-
-            if not any((self.pool.dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-                raise PoolError(f"{self.pool.dir}: the pool has no tokenizer files (the model folder had none); "
-                                "pass token ids instead of text, or rebuild the pool from a folder with its tokenizer")
-            self._tokenizer = AutoTokenizer.from_pretrained(self.pool.dir)
+            self._tokenizer = load_tokenizer(self.pool.dir)
         return self._tokenizer
 
     @torch.no_grad()
@@ -162,35 +156,3 @@ class Engine:
     def close(self) -> None:
         """Release the pool (its files and the lock that keeps `domex pool build` from rewriting it)."""
         self.pool.close()
-
-
-# ---------------------------------------------------------------------------------------------
-# CLI entry points (wired in runtime/cli.py)
-
-
-def build_pool_main(args) -> int:
-    from .pool import build
-
-    m = build(args.model_dir, args.pool_dir, progress=not args.quiet)
-    gib = (m.non_expert_bytes + m.num_layers * m.num_experts * m.expert_bytes) / 2**30
-    print(f"pool {args.pool_dir}: {m.model_type}, {m.num_layers} MoE layers x {m.num_experts} experts "
-          f"({m.expert_bytes / 2**20:.2f} MiB each, from {m.source_layout} keys), {gib:.2f} GiB, "
-          f"fingerprint {m.fingerprint[:12]}")
-    return 0
-
-
-def generate_main(args) -> int:
-    from .pool import PoolManifest
-
-    m = PoolManifest.from_dir(args.pool)
-    mask = Mask.load(args.mask) if args.mask else Mask.full(m.num_layers, m.num_experts)
-    budget = args.budget or str(max(mask.kept_counts()))  # no budget given: exactly the mask's slots
-    engine = Engine.open(args.pool, budget=budget, device=args.device, mode=args.mode)
-    report = engine.ensure(mask)
-    chat = False if args.no_chat else None
-    for prompt in args.prompts:
-        print(engine.generate(prompt, chat_template=chat, max_new_tokens=args.max_new_tokens, do_sample=False)[0])
-    print(f"[{report.loaded} experts loaded ({report.bytes_read / 2**20:.1f} MiB) in {report.seconds * 1e3:.0f} ms; "
-          f"{engine.cache.num_slots} slots per layer]", file=sys.stderr)
-    engine.close()
-    return 0

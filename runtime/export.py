@@ -39,11 +39,14 @@ from typing import Callable, Iterator
 import torch
 
 from domex.store.budget import Budget, domain_mask
-from domex.store.errors import ExportError
+from domex.errors import ExportError
+from domex.store.atomic import replacing, write_atomic
 from domex.store.mask import Mask
+from domex.store.scores import PRIMARY
 
 from .families import Adapter
-from .pool import COPIED, DTYPES, Pool, _numel, open_pool, write_safetensors
+from .checkpoint import DTYPES, _numel, write_safetensors
+from .pool import COPIED, Pool, open_pool
 
 INFO = "domex_export.json"
 SHARD_BYTES = 4 << 30  # like HF's default max_shard_size order of magnitude; vLLM reads any shard count
@@ -182,10 +185,7 @@ def _units(pool: Pool, mask: Mask) -> list[Unit]:
         else:
             for key, p in zip(adapter.fused.tensor_keys(layer), m.expert_params):
                 def produce(l=l, kept=kept, p=p):
-                    out = pool.expert_buffers(len(kept))  # {param: [K, ...]}
-                    for j, e in enumerate(kept):
-                        pool.read_into(l, e, [t[j] for t in out.values()])
-                    yield out[p.name]
+                    yield pool.read_layer(l, kept)[p.name]  # [K, ...]
 
                 units.append(Unit(((adapter.disk_name(key), getattr(torch, p.dtype), (len(kept), *p.shape)),), produce))
     return units
@@ -214,7 +214,7 @@ def _write_weights(out: Path, units: list[Unit], shard_bytes: int) -> int:
         total += sum(u.nbytes for u in shard)
     if len(shards) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        write_atomic(out / "model.safetensors.index.json", json.dumps(index, indent=2).encode())
     return total
 
 
@@ -269,10 +269,11 @@ def _export(pool: Pool, mask: Mask, out: Path, provenance: dict, shard_bytes: in
     tmp.mkdir(parents=True)
     try:
         weights = _write_weights(tmp, _units(pool, mask), shard_bytes)
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        write_atomic(tmp / "config.json", (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
         for name in COPIED:
             if name != "config.json" and (pool.dir / name).is_file():
-                shutil.copyfile(pool.dir / name, tmp / name)
+                with replacing(tmp / name) as part:
+                    shutil.copyfile(pool.dir / name, part)
         source = m.non_expert_bytes + m.num_layers * m.num_experts * m.expert_bytes
         info = {
             "format": "domex-export", "version": 1, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -287,7 +288,7 @@ def _export(pool: Pool, mask: Mask, out: Path, provenance: dict, shard_bytes: in
                       "weights_bytes_source": source, "weights_bytes": weights,
                       "fraction_of_source": weights / source},
         }
-        (tmp / INFO).write_text(json.dumps(info, indent=1) + "\n")
+        write_atomic(tmp / INFO, (json.dumps(info, indent=1) + "\n").encode())
         if out.exists():
             out.rmdir()  # empty (checked above)
         os.replace(tmp, out)
@@ -298,7 +299,7 @@ def _export(pool: Pool, mask: Mask, out: Path, provenance: dict, shard_bytes: in
     return ExportReport(str(out), k, m.num_experts, grouping, files, weights, source, tuple(notes))
 
 
-def store_mask(pool: Pool, store_dir: str | Path, domains: list[str], budget: str, *, criterion: str = "easyep",
+def store_mask(pool: Pool, store_dir: str | Path, domains: list[str], budget: str, *, criterion: str = PRIMARY,
                rule: str = "uniform") -> Mask:
     """The mask `domex serve` would use for these domain(s) under this budget."""
     from domex.store.db import Store
@@ -310,23 +311,24 @@ def store_mask(pool: Pool, store_dir: str | Path, domains: list[str], budget: st
     return domain_mask(patterns, Budget.parse(budget), criterion=criterion, rule=rule)
 
 
-def run(args) -> int:
+def export_command(pool: str, out_dir: str, store: str | None = None, domain: list[str] | None = None,
+                   budget: str | None = None, criterion: str = PRIMARY, rule: str = "uniform", mask: str | None = None) -> int:
     """`domex export`: mask from --mask or --store/--domain/--budget, then export()."""
-    with Pool(args.pool) as pool:
-        if args.mask:
-            if args.domain or args.store:
+    with Pool(pool) as opened:
+        if mask:
+            if domain or store:
                 raise ExportError("give either --mask or --store/--domain/--budget, not both")
-            mask = Mask.load(args.mask)
-            provenance = {"mask_file": str(Path(args.mask).resolve())}
+            kept = Mask.load(mask)
+            provenance = {"mask_file": str(Path(mask).resolve())}
         else:
-            if not (args.store and args.domain and args.budget):
+            if not (store and domain and budget):
                 raise ExportError("say which experts to keep: --store S --domain NAME --budget B (or --mask mask.json)")
-            mask = store_mask(pool, args.store, args.domain, args.budget, criterion=args.criterion, rule=args.rule)
-            provenance = {"store": str(Path(args.store).resolve()), "domains": list(args.domain),
-                          "criterion": args.criterion, "budget": args.budget, "rule": args.rule}
+            kept = store_mask(opened, store, domain, budget, criterion=criterion, rule=rule)
+            provenance = {"store": str(Path(store).resolve()), "domains": list(domain), "criterion": criterion,
+                          "budget": budget, "rule": rule}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the same text is printed below
-            report = export(pool, mask, args.out_dir, provenance=provenance)
+            report = export(opened, kept, out_dir, provenance=provenance)
     for note in report.warnings:
         print(f"warning: {note}")
     print(f"exported {report.out_dir}: K={report.kept_per_layer} of E={report.num_experts} experts per MoE layer, "

@@ -31,9 +31,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from domex.store.db import Store
-from domex.store.errors import ConfigError, UpstreamUnavailable
+from domex.errors import BadGateway, BadRequest, ConfigError, UpstreamUnavailable
 
-from .protocol import error_response, install_error_handlers
+from .protocol import install_error_handlers, query_text
 
 PROXIED = ("/v1/completions", "/v1/chat/completions")
 REQUEST_DROPPED = {"host", "accept-encoding"}  # bytes are passed through raw, so ask the upstream for no compression
@@ -177,19 +177,6 @@ class Gateway:
                         media_type=upstream.headers.get("content-type"))
 
 
-def query_text(path: str, body: dict) -> str:
-    """What the matcher reads: a completion's prompt, or a chat's last user message (text parts joined)."""
-    if path.endswith("/chat/completions"):
-        messages = body.get("messages") or []
-        users = [m for m in messages if isinstance(m, dict) and m.get("role") == "user"] or messages
-        content = users[-1].get("content", "") if users else ""
-        if isinstance(content, list):  # OpenAI content parts
-            content = " ".join(p.get("text", "") for p in content if isinstance(p, dict))
-        return str(content)
-    prompt = body.get("prompt", "")
-    return prompt if isinstance(prompt, str) else " ".join(map(str, prompt))
-
-
 def create_app(gateway: Gateway, store: Store) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -211,14 +198,13 @@ def create_app(gateway: Gateway, store: Store) -> FastAPI:
         except (json.JSONDecodeError, UnicodeDecodeError):
             body = None
         if not isinstance(body, dict):
-            return error_response(400, "the request body must be a JSON object (an OpenAI completion or chat request)",
-                                  "invalid_body")
+            raise BadRequest("the request body must be a JSON object (an OpenAI completion or chat request)")
         try:
-            route = await gateway.route(query_text(path, body), body.get("domain"))
+            route = await gateway.route(query_text(body, chat=path.endswith("/chat/completions")), body.get("domain"))
             headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_HEADERS | REQUEST_DROPPED}
             return await gateway.proxy(path, raw, headers, route, bool(body.get("stream")))
         except httpx.HTTPError as e:
-            return error_response(502, f"upstream failed: {type(e).__name__}: {e}", "bad_gateway")
+            raise BadGateway(f"upstream failed: {type(e).__name__}: {e}") from None
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -248,16 +234,17 @@ def create_app(gateway: Gateway, store: Store) -> FastAPI:
     return app
 
 
-def run(args) -> int:
+def gateway_command(store: str, upstream: list[str], default: str | None = None, ood_quantile: float | None = None,
+                    health_interval: float = 5.0, timeout: float = 600.0, host: str = "127.0.0.1", port: int = 8100) -> int:
     """`domex gateway`: match with the store's demos, proxy to the upstreams, until interrupted."""
     import uvicorn
 
     from .match import Matcher
 
-    config = GatewayConfig.from_flags(args.upstream, args.default, ood_quantile=args.ood_quantile,
-                                      health_interval=args.health_interval, timeout=args.timeout)
-    store = Store.open(args.store, create=False)
-    matcher = Matcher(store, "embedding", quantile=config.ood_quantile)
+    config = GatewayConfig.from_flags(upstream, default, ood_quantile=ood_quantile, health_interval=health_interval,
+                                      timeout=timeout)
+    opened = Store.open(store, create=False)
+    matcher = Matcher(opened, "embedding", quantile=config.ood_quantile)
     matcher.match_many(["warm up"])  # load the embedder and the index before the first request
-    uvicorn.run(create_app(Gateway(config, matcher), store), host=args.host, port=args.port, log_level="info")
+    uvicorn.run(create_app(Gateway(config, matcher), opened), host=host, port=port, log_level="info")
     return 0

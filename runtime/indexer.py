@@ -28,16 +28,16 @@ from domex.store.budget import Budget, domain_mask
 from domex.store.db import Store
 from domex.store.demos import Demo, read_demos
 from domex.store.embed import get_embedder
-from domex.store.errors import ConfigError, DemoError, DomainExists, FingerprintMismatch, PoolError
+from domex.errors import ConfigError, DemoError, DomainExists, FingerprintMismatch, PoolError
 from domex.store.mask import Mask
 from domex.store.pattern import Pattern, check_name
 from domex.store.scores import CRITERIA, PRIMARY, check_criteria, score_all
 
 from .families import adapter_for
 from .observer import LayerSource, memory_source, observe, observe_streaming
+from .pool import load_tokenizer
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 @dataclass
@@ -51,20 +51,6 @@ class Subject:
     layer_source: Callable[[], LayerSource] | None = None  # streaming mode; None where unsupported
     source: str = "model"  # for messages: the pool or model folder
     close: Callable[[], None] = lambda: None  # releases what open_subject opened (a pool's lock and files)
-
-
-def load_tokenizer(folder: Path):
-    """The tokenizer saved in a model or pool folder; PoolError saying where it should come from."""
-    from transformers import AutoTokenizer
-
-    hint = "save the tokenizer next to the model's config.json (a pool copies it from there when built)"
-    if not any((Path(folder) / f).is_file() for f in TOKENIZER_FILES):
-        # transformers would build an empty tokenizer from config.json alone, and every demo would be 0 tokens
-        raise PoolError(f"{folder}: no usable tokenizer (none of {', '.join(TOKENIZER_FILES)}); {hint}")
-    try:
-        return AutoTokenizer.from_pretrained(str(folder))
-    except (OSError, ValueError) as e:
-        raise PoolError(f"{folder}: no usable tokenizer ({str(e).splitlines()[0][:160]}); {hint}") from None
 
 
 def from_pool(pool) -> Subject:
@@ -92,7 +78,7 @@ def from_model_dir(model_dir: str | Path) -> Subject:
     """A Subject read from an HF checkpoint folder (full mode only: streaming reads a pool)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .pool import fingerprint
+    from .checkpoint import fingerprint
 
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
@@ -135,10 +121,7 @@ def pool_source(pool) -> LayerSource:
         if i not in row:
             return
         experts = model.get_submodule(m.experts_module[row[i]])
-        params = pool.expert_buffers(m.num_experts)  # {param: [E, ...]}
-        for e in range(m.num_experts):
-            pool.read_into(row[i], e, [t[e] for t in params.values()])
-        for name, t in params.items():
+        for name, t in pool.read_layer(row[i]).items():  # {param: [E, ...]}
             setattr(experts, name, torch.nn.Parameter(t, requires_grad=False))
 
     def free(i: int) -> None:
@@ -339,3 +322,44 @@ def heatmap(pattern: Pattern, criterion: str, path: str | Path) -> None:
     ax.set_title(f"{pattern.name}: {criterion} scores")
     fig.colorbar(im, ax=ax)
     save_figure(fig, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# `domex register` and `domex domains ...`
+
+
+def register_command(store: str, domain: str, demos: str, pool: str | None = None, model: str | None = None,
+                     criteria: str = ",".join(CRITERIA), replace: bool = False, streaming: bool = False,
+                     max_len: int | None = None, seed: int = 0) -> int:
+    if (pool is None) == (model is None):
+        raise ConfigError("give the model to score on as --pool POOL_DIR or --model HF_CHECKPOINT_DIR (one of them)")
+    pattern = register(pool or model, store, domain, demos, criteria=criteria, replace=replace, max_len=max_len,
+                       streaming=streaming, seed=seed)
+    print(f"registered {pattern.name}: {len(pattern.demos)} demos, {pattern.tokens} tokens, "
+          f"{pattern.shape[0]} MoE layers x {pattern.shape[1]} experts, criteria {','.join(pattern.criteria)}")
+    return 0
+
+
+def domains_list_command(store: str, as_json: bool = False) -> int:
+    records = [p.record() for p in Store.open(store, create=False).snapshot().patterns.values()]
+    if as_json:
+        print(json.dumps(records))
+    for r in [] if as_json else records:
+        print(f"{r['name']}\t{r['num_demos']} demos\t{r['tokens']} tokens\t{','.join(r['criteria'])}\tupdated {r['updated']}")
+    return 0
+
+
+def domains_show_command(name: str, store: str, budget: str = "0.5", criterion: str = PRIMARY, rule: str = "uniform",
+                         png: str | None = None, as_json: bool = False) -> int:
+    opened = Store.open(store, create=False)
+    report = describe(opened, name, budget, criterion, rule)
+    if png:
+        heatmap(opened.get(name), criterion, png)
+    print(json.dumps(report.to_json()) if as_json else report.text())
+    return 0
+
+
+def domains_delete_command(name: str, store: str, as_json: bool = False) -> int:
+    Store.open(store, create=False).delete(name)
+    print(json.dumps({"deleted": name}) if as_json else f"deleted {name}")
+    return 0

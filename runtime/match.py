@@ -41,7 +41,7 @@ import torch
 from domex.store.db import PerGeneration, Snapshot, Store
 from domex.store.demos import Demo
 from domex.store.embed import get_embedder
-from domex.store.errors import ConfigError, EmptyStore
+from domex.errors import ConfigError, EmptyStore
 from domex.store.index import DemoIndex
 
 from .routing import router_logits, router_probs
@@ -336,34 +336,3 @@ def read_queries(path: str | Path) -> list[tuple[int, str]]:
     if not out:
         raise ConfigError(f"{path} holds no queries")
     return out
-
-
-def run(args) -> int:
-    """`domex route`: one decision per query, all from one snapshot, with the model and embedder loaded once."""
-    from domex.store.budget import Budget
-
-    from .selection import MaskBook, Selector
-
-    if (args.text is None) == (args.file is None):
-        raise ConfigError("give one query as TEXT or a file of queries with --file, not both")
-    queries = read_queries(args.file) if args.file else [(1, args.text)]
-    store = Store.open(args.store, create=False)
-    snapshot = store.snapshot()
-    if not snapshot.names:
-        raise EmptyStore(f"{args.store}: no domains registered; register one with `domex register`")
-    num_layers, num_experts = snapshot.get(snapshot.names[0]).shape
-    masks = MaskBook(store, Budget.parse(args.budget), num_layers=num_layers, num_experts=num_experts)
-    selector = Selector(store, open_matcher(args.matcher, store, args.pool, quantile=args.ood_quantile), masks, args.policy)
-    for start in range(0, len(queries), 64):
-        chunk = queries[start:start + 64]
-        for (line, _), chosen in zip(chunk, selector.select_many([t for _, t in chunk], snapshot)):
-            match, domains = chosen.match, "+".join(chosen.domains) if chosen.domains else "all experts"
-            if args.json:
-                print(json.dumps({"line": line, **match.to_json(), "domains": domains, "kept": chosen.mask.fraction()},
-                                 ensure_ascii=False), flush=True)
-            else:
-                c = match.check
-                print(f"{line}: {match.domain}{'  OUT-OF-DOMAIN' if match.ood else ''}  score={match.similarity:.3f}  "
-                      f"margin={match.margin:.3f}  {c.view} {c.similarity:.3f}{'>=' if c.passed else '<'}{c.threshold:.3f}  "
-                      f"matcher={match.matcher}  serves={domains} ({chosen.mask.fraction():.0%} of experts)", flush=True)
-    return 0

@@ -5,8 +5,8 @@ Shape legend: L MoE layers, E routed experts, T tokens, k top_k, H hidden.
 One teacher-forced forward per demo runs the stock transformers model with its *real* routing.
 Per MoE layer, three seams are used, all found through the family adapter:
   - a forward hook on the router keeps what it returns, (logits [T, E], weights g [T, k], ids [T, k]);
-  - a pre-hook on the decoder layer's `post_attention_layernorm` keeps its input x [T, H], the
-    residual stream the MoE output is added to (true for every supported family);
+  - a pre-hook on the decoder layer's residual norm (`post_attention_layernorm` in every supported
+    family) keeps its input x [T, H], the residual stream the MoE output is added to;
   - the routed experts module's forward is wrapped: it is called once with every token repeated
     k times, one slot per row and unit weights, which yields each selected expert's *unweighted*
     output E_idx(u_t) on exactly the routed tokens (no E-fold compute, no family code); the
@@ -102,9 +102,10 @@ class Observer:
             if i not in wanted:
                 continue
             l = self.row_of[i]
-            block = decoder[i].mlp  # re-read: streaming may have swapped the layer's modules in
-            router, experts = self.adapter.router(block), block.experts
-            self._handles.append(decoder[i].post_attention_layernorm.register_forward_pre_hook(self._keep_x(l)))
+            block = self.adapter.block(decoder[i])  # re-read: streaming may have swapped the layer's modules in
+            router, experts = self.adapter.router(block), self.adapter.experts(block)
+            norm = self.adapter.residual_norm(decoder[i])
+            self._handles.append(norm.register_forward_pre_hook(self._keep_x(l)))
             self._handles.append(router.register_forward_hook(self._keep_route(l)))
             experts.forward = self._observed_experts(l, experts)  # instance attribute shadows the class forward
             self._wrapped.append(experts)

@@ -39,9 +39,31 @@ def error_code(exc: Exception) -> str:
     return re.sub(r"(?<!^)(?=[A-Z])", "_", type(exc).__name__).lower()
 
 
+def message_text(content) -> str:
+    """A chat message's text: the string, or the text of OpenAI content parts joined."""
+    if isinstance(content, list):
+        return " ".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return str(content)
+
+
+def query_text(body: dict, chat: bool) -> str:
+    """What the matcher reads: a completion's prompt, or a chat's last user message (text parts joined)."""
+    if chat:
+        messages = [m for m in body.get("messages") or [] if isinstance(m, dict)]
+        users = [m for m in messages if m.get("role") == "user"] or messages
+        return message_text(users[-1].get("content", "")) if users else ""
+    prompt = body.get("prompt", "")
+    return prompt if isinstance(prompt, str) else " ".join(map(str, prompt))
+
+
 class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant"]
     content: str
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _parts(cls, content):  # OpenAI content parts -> their text
+        return message_text(content) if isinstance(content, list) else content
 
 
 class StreamOptions(BaseModel):
@@ -72,8 +94,7 @@ class ChatCompletionRequest(SamplingParams):
 
     def query_text(self) -> str:
         """What the matcher looks at: the last user message."""
-        users = [m.content for m in self.messages if m.role == "user"]
-        return users[-1] if users else self.messages[-1].content
+        return query_text(self.model_dump(), chat=True)
 
 
 class DomainRequest(BaseModel):
@@ -119,7 +140,7 @@ def error_shape(exc: Exception) -> tuple[int, str, str]:
     from fastapi.exceptions import RequestValidationError
     from starlette.exceptions import HTTPException
 
-    from domex.store.errors import DomexError
+    from domex.errors import DomexError
 
     if isinstance(exc, DomexError):
         return exc.http_status, str(exc), error_code(exc)
@@ -139,7 +160,7 @@ def install_error_handlers(app, rewrite=lambda message: message, record=None) ->
     from fastapi.exceptions import RequestValidationError
     from starlette.exceptions import HTTPException
 
-    from domex.store.errors import DomexError
+    from domex.errors import DomexError
 
     async def handle(request, exc: Exception):
         status, message, code = error_shape(exc)

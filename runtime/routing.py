@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from domex.store.mask import Mask
+from domex.errors import ConfigError
 
 
 class RoutingRule(enum.Enum):
@@ -41,6 +41,12 @@ class RoutingRule(enum.Enum):
 
 
 SOFTMAX_MODES = ("renormalize", "full_softmax")
+
+
+def check_mode(mode: str) -> str:
+    if mode not in SOFTMAX_MODES:
+        raise ConfigError(f"unknown softmax restriction mode {mode!r}; use one of {', '.join(SOFTMAX_MODES)} (--mode)")
+    return mode
 
 
 @dataclass(frozen=True)
@@ -68,8 +74,6 @@ def route(logits: torch.Tensor, allowed: torch.Tensor, cfg: RouterConfig, *, bia
 
 
 def _softmax_topk(logits, allowed, cfg, mode):
-    if mode not in SOFTMAX_MODES:
-        raise ValueError(f"unknown softmax restriction mode {mode!r}; use one of {SOFTMAX_MODES}")
     neg = torch.finfo(torch.float32).min
     if mode == "full_softmax" and not cfg.renormalize:
         probs = F.softmax(logits, dim=-1, dtype=torch.float32).masked_fill(~allowed, 0.0)  # [T, E]
@@ -147,8 +151,7 @@ def _restricted_forward(self, hidden_states):
 def restrict_router(router: torch.nn.Module, cfg: RouterConfig, kept: tuple[int, ...], *,
                     slot_of: torch.Tensor | None = None, mode: str = "renormalize") -> None:
     """Make `router` choose only among `kept`; `slot_of[E]` maps expert id -> resident slot (-1: absent)."""
-    if mode not in SOFTMAX_MODES:
-        raise ValueError(f"unknown softmax restriction mode {mode!r}; use one of {SOFTMAX_MODES}")
+    check_mode(mode)
     device = router.weight.device
     allowed = torch.zeros(cfg.num_experts, dtype=torch.bool, device=device)
     allowed[list(kept)] = True
@@ -171,23 +174,3 @@ def unrestrict_router(router: torch.nn.Module) -> None:
         router._buffers.pop(name, None)
     for name in ("domex_config", "domex_mode", "forward"):
         router.__dict__.pop(name, None)
-
-
-def restrict(model: torch.nn.Module, mask: Mask, *, mode: str = "renormalize") -> None:
-    """Restrict every MoE layer of a stock transformers model to the mask's experts, in place."""
-    from .families import adapter_for
-
-    adapter = adapter_for(model.config)
-    cfg = adapter.router_config(model.config)
-    blocks = adapter.moe_blocks(model)
-    mask.check(len(blocks), cfg.num_experts, cfg.top_k)
-    for (_, block), kept in zip(blocks, mask.layers):
-        restrict_router(adapter.router(block), cfg, kept, mode=mode)
-
-
-def unrestrict(model: torch.nn.Module) -> None:
-    from .families import adapter_for
-
-    adapter = adapter_for(model.config)
-    for _, block in adapter.moe_blocks(model):
-        unrestrict_router(adapter.router(block))

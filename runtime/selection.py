@@ -8,18 +8,19 @@ every request later.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from dataclasses import dataclass
 
 from domex.store.budget import RULES, Budget, domain_mask
 from domex.store.db import Snapshot, Store
-from domex.store.errors import ConfigError, DomexError, UnknownDomain
+from domex.errors import ConfigError, DomexError, EmptyStore, UnknownDomain
 from domex.store.mask import Mask
 from domex.store.scores import CRITERIA, PRIMARY
 
 from .device import DTYPES
-from .match import MATCHERS, POLICIES, Match, fallback_domains
+from .match import MATCHERS, POLICIES, Match, fallback_domains, open_matcher, read_queries
 
 
 @dataclass(frozen=True)
@@ -73,8 +74,9 @@ class ServeConfig:
                               f"domain's mask (--budget {self.budget}); raise --resident or lower --budget")
 
     @classmethod
-    def from_args(cls, args) -> "ServeConfig":
-        return cls(**{name: getattr(args, name) for name in cls.__dataclass_fields__ if hasattr(args, name)}).check()
+    def of(cls, options: dict) -> "ServeConfig":
+        """The config from `domex serve`'s options (the others are ignored), checked."""
+        return cls(**{name: options[name] for name in cls.__dataclass_fields__ if name in options}).check()
 
 
 @dataclass(frozen=True)
@@ -154,3 +156,47 @@ class Selector:
             domains = fallback_domains(match, self.policy, snapshot)
             out.append(Selection(match, None if domains is None else tuple(domains), self.masks.mask(domains, snapshot)))
         return out
+
+
+# ---------------------------------------------------------------------------------------------
+# `domex route` and `domex mask`
+
+
+def route_command(store: str, text: str | None = None, file: str | None = None, pool: str | None = None,
+                  matcher: str = "hybrid", ood_quantile: float | None = None, policy: str = "nearest",
+                  budget: str = "50%", as_json: bool = False) -> int:
+    """One decision per query, all from one snapshot, with the model and embedder loaded once."""
+    if (text is None) == (file is None):
+        raise ConfigError("give one query as TEXT or a file of queries with --file, not both")
+    queries = read_queries(file) if file else [(1, text)]
+    opened = Store.open(store, create=False)
+    snapshot = opened.snapshot()
+    if not snapshot.names:
+        raise EmptyStore(f"{store}: no domains registered; register one with `domex register`")
+    num_layers, num_experts = snapshot.get(snapshot.names[0]).shape
+    masks = MaskBook(opened, Budget.parse(budget), num_layers=num_layers, num_experts=num_experts)
+    selector = Selector(opened, open_matcher(matcher, opened, pool, quantile=ood_quantile), masks, policy)
+    for start in range(0, len(queries), 64):
+        chunk = queries[start:start + 64]
+        for (line, _), chosen in zip(chunk, selector.select_many([t for _, t in chunk], snapshot)):
+            match, domains = chosen.match, "+".join(chosen.domains) if chosen.domains else "all experts"
+            if as_json:
+                print(json.dumps({"line": line, **match.to_json(), "domains": domains, "kept": chosen.mask.fraction()},
+                                  ensure_ascii=False), flush=True)
+            else:
+                c = match.check
+                print(f"{line}: {match.domain}{'  OUT-OF-DOMAIN' if match.ood else ''}  score={match.similarity:.3f}  "
+                      f"margin={match.margin:.3f}  {c.view} {c.similarity:.3f}{'>=' if c.passed else '<'}{c.threshold:.3f}  "
+                      f"matcher={match.matcher}  serves={domains} ({chosen.mask.fraction():.0%} of experts)", flush=True)
+    return 0
+
+
+def mask_command(store: str, domain: list[str], budget: str, output: str, criterion: str = PRIMARY,
+                 rule: str = "uniform") -> int:
+    """The kept experts of one domain (or a mix) under a budget, written as mask JSON."""
+    opened = Store.open(store, create=False)
+    mask = domain_mask([opened.get(d) for d in domain], Budget.parse(budget), criterion, rule)
+    mask.save(output)
+    print(f"wrote {output}: {'+'.join(domain)}, {sum(mask.kept_counts())} experts over {mask.num_layers} layers "
+          f"({mask.fraction():.0%}), per layer {' '.join(map(str, mask.kept_counts()))}")
+    return 0

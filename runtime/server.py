@@ -35,7 +35,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from domex.store.db import Store
-from domex.store.errors import BadRequest, ConfigError, PromptTooLong, Unauthorized
+from domex.errors import BadRequest, ConfigError, PromptTooLong, Unauthorized
 from domex.store.pattern import check_name
 
 from .protocol import (ChatCompletionRequest, CompletionRequest, DomainRequest, completion_body, error_body, error_shape,
@@ -341,8 +341,13 @@ def parse(model, raw: bytes):
         raise RequestValidationError(e.errors()) from None
 
 
-def run(args) -> int:
-    """`domex serve`: open the engine and the store, verify the pool, then serve until interrupted."""
+def serve_command(pool: str, store: str, host: str = "127.0.0.1", port: int = 8000, device: str = "cpu",
+                  admin_token: str | None = None, max_tokens: int = 512, max_body_bytes: int = 1 << 20,
+                  max_prompt_tokens: int | None = None, max_demos: int = 256, read_only: bool = False,
+                  verify_pool: bool = False, **serving) -> int:
+    """`domex serve`: open the engine and the store, verify the pool, then serve until interrupted.
+
+    `serving` holds the ServeConfig options (budget, resident, criterion, rule, policy, matcher, ...)."""
     import uvicorn
 
     from domex.store.budget import Budget
@@ -353,26 +358,65 @@ def run(args) -> int:
     from .match import make_matcher
     from .selection import MaskBook
 
-    config = ServeConfig.from_args(args)  # a bad flag stops the start here, named
-    engine = Engine.open(args.pool, budget=config.resident or config.budget, device=args.device,
-                         dtype=config.dtype)  # checks files, sizes
+    config = ServeConfig.of(serving)  # a bad flag stops the start here, named
+    engine = Engine.open(pool, budget=config.resident or config.budget, device=device, dtype=config.dtype)  # checks files, sizes
     config.check_fits(engine.pool.manifest)
-    if args.verify_pool:
+    if verify_pool:
         for bad in engine.pool.verify_checksums():
             log.warning("pool verification: %s failed its checksum; requests that need it will fail", bad)
-    store = Store.open(args.store, fingerprint=engine.pool.fingerprint, read_only=args.read_only)
+    opened = Store.open(store, fingerprint=engine.pool.fingerprint, read_only=read_only)
     manifest = engine.pool.manifest
-    masks = MaskBook(store, Budget.parse(config.budget), num_layers=manifest.num_layers, num_experts=manifest.num_experts,
+    masks = MaskBook(opened, Budget.parse(config.budget), num_layers=manifest.num_layers, num_experts=manifest.num_experts,
                      criterion=config.criterion, rule=config.rule)
-    matcher = make_matcher(config.matcher, store, engine=engine, quantile=config.ood_quantile)
+    matcher = make_matcher(config.matcher, opened, engine=engine, quantile=config.ood_quantile)
 
     def register_domain(name: str, demos: list[dict], replace: bool):
         parsed = [Demo.from_json(d, where=f"demos[{i}]") for i, d in enumerate(demos)]
-        return register(args.pool, store, name, parsed, replace=replace, streaming=True, progress=False)
+        return register(pool, opened, name, parsed, replace=replace, streaming=True, progress=False)
 
-    state = ServerState(engine, store, Selector(store, matcher, masks, config.policy), model_name=Path(args.pool).name,
-                        config=config, register_domain=register_domain,
-                        admin_token=args.admin_token, max_tokens=args.max_tokens, max_prompt_tokens=args.max_prompt_tokens,
-                        max_body_bytes=args.max_body_bytes, max_demos=args.max_demos)
-    uvicorn.run(create_app(state), host=args.host, port=args.port, log_level="info")
+    state = ServerState(engine, opened, Selector(opened, matcher, masks, config.policy), model_name=Path(pool).name,
+                        config=config, register_domain=register_domain, admin_token=admin_token, max_tokens=max_tokens,
+                        max_prompt_tokens=max_prompt_tokens, max_body_bytes=max_body_bytes, max_demos=max_demos)
+    uvicorn.run(create_app(state), host=host, port=port, log_level="info")
     return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# A server process, for tests, benchmarks and chaos runs
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on right now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn(pool, store, port: int, *flags: str, output=None, timeout: float = 180.0):
+    """`domex serve --pool POOL --store STORE --port PORT FLAGS...` as a process, returned once /health answers.
+
+    `output`: a file for its log (default: a pipe, whose tail goes into the error when the server dies)."""
+    import os
+    import subprocess
+    import sys
+
+    import httpx
+
+    cmd = [sys.executable, "-m", "domex.runtime.cli", "serve", "--pool", str(pool), "--store", str(store), "--port",
+           str(port), *flags]
+    proc = subprocess.Popen(cmd, stdout=output or subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            tail = proc.stdout.read().decode()[-3000:] if output is None else f"see {getattr(output, 'name', 'its log')}"
+            raise RuntimeError(f"domex serve exited with {proc.returncode}: {tail}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    proc.kill()
+    raise RuntimeError(f"domex serve did not come up in {timeout:.0f} s")

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from domex.store.errors import Overloaded, PoolError
+from domex.errors import Overloaded, PoolError
 from domex.store.mask import Mask
 
 from .match import Match

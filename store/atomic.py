@@ -6,19 +6,34 @@ process has memory-mapped is replaced, not rewritten in place.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 from pathlib import Path
+from typing import Iterator
+
+
+@contextlib.contextmanager
+def replacing(path: str | Path) -> Iterator[Path]:
+    """A temp path beside `path` to write; on success it is fsynced and renamed over `path`, on failure removed."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # per-process name: two writers do not collide
+    try:
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def write_atomic(path: str | Path, data: bytes) -> None:
-    path = Path(path)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # per-process name: two writers do not collide
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with replacing(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def save_figure(fig, path: str | Path, dpi: int = 100) -> None:

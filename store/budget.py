@@ -18,8 +18,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import BudgetError, ScoreError
+from domex.errors import BudgetError, ScoreError
 from .mask import Mask
+from .scores import PRIMARY
 
 _UNITS = {
     "b": 1,
@@ -197,7 +198,7 @@ def merge(score_matrices: list[np.ndarray]) -> np.ndarray:
     return out.astype(np.float32)
 
 
-def domain_mask(patterns: list, budget: Budget, criterion: str = "easyep", rule: str = "uniform") -> Mask:
+def domain_mask(patterns: list, budget: Budget, criterion: str = PRIMARY, rule: str = "uniform") -> Mask:
     """The mask of one domain, or of several mixed (merged scores), under a budget.
 
     One pattern selects on its own scores; several are merged first. Ties go to the experts the

@@ -37,7 +37,7 @@ from typing import Callable
 import lmdb
 import numpy as np
 
-from .errors import DomainExists, FingerprintMismatch, StoreError, StoreUnwritable, UnknownDomain
+from domex.errors import DomainExists, FingerprintMismatch, StoreError, StoreUnwritable, UnknownDomain
 from .pattern import Pattern, check_name, decode_array, encode_array, now
 
 SCHEMA_VERSION = 1
@@ -431,3 +431,10 @@ def compact(path: str | Path) -> tuple[int, int]:
         return before, data.stat().st_size
     finally:
         os.close(fd)  # releases the lock
+
+
+def compact_command(store: str) -> int:
+    """`domex store compact`."""
+    before, after = compact(store)
+    print(f"compacted {store}: {before} -> {after} bytes")
+    return 0

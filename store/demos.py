@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import DemoError
+from domex.errors import DemoError
 
 _FORMS = '{"prompt": ..., "response": ...} or {"text": ...}'
 

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from .atomic import write_atomic
-from .errors import ConfigError, DomexError
+from domex.errors import ConfigError, DomexError
 
 DIM = 384
 MODEL_NAME = "all-MiniLM-L6-v2"

@@ -24,7 +24,7 @@ import numpy as np
 
 from .atomic import write_atomic
 from .db import PerGeneration, Snapshot, Store
-from .errors import EmptyStore, StoreError
+from domex.errors import EmptyStore, StoreError
 
 INDEX_FILE = "index.faiss"
 LABELS_FILE = "index.json"

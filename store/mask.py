@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .atomic import write_atomic
-from .errors import MaskError
+from domex.errors import MaskError
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from datetime import datetime, timezone
 
 import numpy as np
 
-from .errors import InvalidName, ScoreError, StoreError
+from domex.errors import InvalidName, ScoreError, StoreError
 
 _DTYPES = {"<f4": np.dtype("<f4"), "<f8": np.dtype("<f8"), "<i8": np.dtype("<i8")}
 _HEADER = struct.Struct("<I")

@@ -14,7 +14,7 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import ScoreError
+from domex.errors import ScoreError
 
 
 @dataclass

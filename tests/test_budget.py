@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from domex.store.budget import Budget, coverage_counts, merge, rank, select
-from domex.store.errors import BudgetError, ScoreError
+from domex.errors import BudgetError, ScoreError
 from domex.store.mask import Mask
 
 

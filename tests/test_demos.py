@@ -5,7 +5,7 @@ import json
 import pytest
 
 from domex.store.demos import Demo, read_demos
-from domex.store.errors import DemoError
+from domex.errors import DemoError
 
 
 def write(tmp_path, lines, name="demos.jsonl"):

@@ -15,7 +15,7 @@ import torch
 
 from domex.store import embed
 from domex.store.embed import DIM, Embedder, get_embedder
-from domex.store.errors import ConfigError
+from domex.errors import ConfigError
 
 TEXTS = [
     "How do I reverse a list in Python?",

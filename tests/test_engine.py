@@ -11,8 +11,8 @@ from domex.runtime import pool as pool_module
 from domex.runtime.cli import main as cli_main
 from domex.runtime.engine import Engine
 from domex.runtime.pool import build
-from domex.runtime.routing import restrict
-from domex.store.errors import CacheTooSmall, FingerprintMismatch, MaskError
+from domex.runtime.families import restrict
+from domex.errors import CacheTooSmall, FingerprintMismatch, MaskError
 from domex.store.mask import Mask
 from test_pool import saved_model, stock
 from tiny import FAMILIES, tokens

@@ -150,7 +150,7 @@ def test_embedding_figures_equal_matching_each_text_directly(run):
 
 def test_missing_ood_folder_is_a_clear_error(tmp_path):
     from domex.runtime.evaluate import read_ood
-    from domex.store.errors import ConfigError
+    from domex.errors import ConfigError
 
     with pytest.raises(ConfigError, match=str(tmp_path / "ood")):
         read_ood(tmp_path)

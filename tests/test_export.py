@@ -9,8 +9,8 @@ from transformers import AutoModelForCausalLM
 
 from domex.runtime.export import INFO, export, kept_count
 from domex.runtime.pool import Pool, build
-from domex.runtime.routing import restrict
-from domex.store.errors import ExportError
+from domex.runtime.families import restrict
+from domex.errors import ExportError
 from domex.store.mask import Mask
 from tiny import FAMILIES, tiny_model, tokens
 

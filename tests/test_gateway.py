@@ -4,7 +4,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -12,19 +11,15 @@ import time
 import httpx
 import pytest
 
-from domex.runtime.gateway import Gateway, GatewayConfig, query_text
+from domex.runtime.gateway import Gateway, GatewayConfig
+from domex.runtime.protocol import ChatCompletionRequest, query_text
 from domex.runtime.indexer import register
 from domex.runtime.match import Match
 from domex.runtime.pool import build
+from domex.runtime.server import free_port
 from domex.store.demos import Demo
-from domex.store.errors import ConfigError, UpstreamUnavailable
+from domex.errors import ConfigError, UpstreamUnavailable
 from tiny import DOMAINS, QUERIES, UNRELATED, tiny_checkpoint
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def spawn(*args) -> subprocess.Popen:
@@ -214,10 +209,12 @@ def test_upstream_flags_are_checked():
 
 
 def test_query_text_reads_prompt_or_last_user_message():
-    assert query_text("/v1/completions", {"prompt": "abc"}) == "abc"
+    assert query_text({"prompt": "abc"}, chat=False) == "abc"
     chat = {"messages": [{"role": "user", "content": "first"}, {"role": "assistant", "content": "x"},
                          {"role": "user", "content": [{"type": "text", "text": "second"}]}]}
-    assert query_text("/v1/chat/completions", chat) == "second"
+    assert query_text(chat, chat=True) == "second"
+    served = ChatCompletionRequest.model_validate(chat)  # domex serve reads content parts the same way
+    assert served.messages[-1].content == "second" and served.query_text() == "second"
 
 
 def test_cli_refuses_a_malformed_upstream(tmp_path, capsys):

@@ -10,7 +10,7 @@ from domex.runtime.match import NEIGHBOURS, QUANTILE, TEXT_WEIGHT, Matcher, fall
 from domex.store.db import Store
 from domex.store.demos import Demo
 from domex.store.embed import get_embedder
-from domex.store.errors import EmptyStore
+from domex.errors import EmptyStore
 from domex.store.pattern import Pattern
 from tiny import DOMAINS, QUERIES, UNRELATED, tiny_model, tiny_tokenizer, tokens
 

@@ -15,8 +15,9 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from domex.runtime.families import adapter_for
-from domex.runtime.pool import MANIFEST, Pool, PoolManifest, build, fingerprint, load_full_model
-from domex.store.errors import FingerprintMismatch, PoolError
+from domex.runtime.checkpoint import fingerprint
+from domex.runtime.pool import MANIFEST, Pool, PoolManifest, build, load_full_model
+from domex.errors import FingerprintMismatch, PoolError
 from tiny import FAMILIES, tiny_model, tokens
 
 WORDS = "the a cat dog sat ran on in mat park sun rain big small red blue one two three and".split()

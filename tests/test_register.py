@@ -104,7 +104,7 @@ def test_register_scores_equal_observer_on_templated_tokens(model_dir, tmp_path)
 
 
 def test_pool_full_streaming_and_model_dir_agree(model_dir, pool_dir, tmp_path):
-    from domex.runtime.pool import fingerprint
+    from domex.runtime.checkpoint import fingerprint
 
     demos = write_demos(tmp_path / "sql.jsonl", SQL)
     by_model = register(model_dir, tmp_path / "a", "sql", demos, criteria="easyep,reap,tcess", progress=False)
@@ -162,7 +162,7 @@ def test_duplicate_domain_needs_replace(model_dir, tmp_path, capsys):
 
 
 def test_store_of_another_model_is_refused(model_dir, tmp_path, capsys):
-    from domex.runtime.pool import fingerprint
+    from domex.runtime.checkpoint import fingerprint
 
     other = save_model(tmp_path / "other", seed=1)
     demos = write_demos(tmp_path / "sql.jsonl", SQL)

@@ -19,16 +19,14 @@ import pytest
 import torch
 
 from domex.runtime.engine import Engine
-from domex.runtime.indexer import register
-from domex.runtime.pool import MANIFEST, PoolManifest, build, meta_model
+from domex.runtime.pool import MANIFEST, PoolManifest, meta_model
 from domex.runtime.serving import Job, SCHEDULERS
 from domex.store.db import Store
-from domex.store.demos import Demo
-from domex.store.errors import InvalidName, StoreUnwritable
+from domex.errors import InvalidName, StoreUnwritable
 from domex.store.mask import Mask
 from domex.store.pattern import check_name
 from test_server import TOKEN, free_port, sse_events, start_server
-from tiny import DOMAINS, QUERIES, tiny_model, tiny_tokenizer
+from tiny import DOMAINS, QUERIES, pool_and_store, tiny_model, tiny_tokenizer
 
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}
 CONTEXT = 128  # the tiny model's max_position_embeddings; its tokenizer has one token per character
@@ -45,9 +43,7 @@ def bf16_checkpoint(path):
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("reliability")
-    build(bf16_checkpoint(root / "model"), root / "pool", progress=False)
-    for name in ("cooking", "python"):
-        register(root / "pool", root / "store", name, [Demo.from_json({"text": t}) for t in DOMAINS[name]], progress=False)
+    pool_and_store(root, bf16_checkpoint(root / "model"))
     return root
 
 

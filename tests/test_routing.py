@@ -11,9 +11,9 @@ import types
 import pytest
 import torch
 
-from domex.runtime.families import adapter_for
-from domex.runtime.routing import RoutingRule, restrict, unrestrict
-from domex.store.errors import UnsupportedFamily
+from domex.runtime.families import adapter_for, restrict, unrestrict
+from domex.runtime.routing import RoutingRule
+from domex.errors import UnsupportedFamily
 from domex.store.mask import Mask
 from tiny import FAMILIES, tiny_model, tokens
 

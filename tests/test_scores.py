@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from domex.store.errors import ScoreError
+from domex.errors import ScoreError
 from domex.store.scores import CRITERIA, Stats, score_all
 
 L, E, T, K = 3, 6, 40, 2

@@ -2,55 +2,28 @@
 
 import asyncio
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
 
 import httpx
 import pytest
 
-from domex.runtime.indexer import register
-from domex.runtime.pool import build
-from domex.store.demos import Demo
-from tiny import DOMAINS, QUERIES, tiny_checkpoint
+from domex.runtime.server import free_port, spawn
+from tiny import DOMAINS, QUERIES, pool_and_store, tiny_checkpoint
 
 TOKEN = "s3cret"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server(pool, store, port, *extra):
-    cmd = [sys.executable, "-m", "domex.runtime.cli", "serve", "--pool", str(pool), "--store", str(store),
-           "--budget", "4", "--port", str(port), "--admin-token", TOKEN, "--max-tokens", "24",
-           "--max-body-bytes", "20000", *extra]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"domex serve exited: {proc.stdout.read().decode()[-3000:]}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            time.sleep(0.3)
-    proc.kill()
-    raise RuntimeError("domex serve did not come up in 120 s")
+    """The test servers' common flags: an admin token, small max_tokens and body limits, budget 4."""
+    return spawn(pool, store, port, "--budget", "4", "--admin-token", TOKEN, "--max-tokens", "24",
+                 "--max-body-bytes", "20000", *extra)
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
-    build(tiny_checkpoint(root / "model"), root / "pool", progress=False)
-    for name in ("cooking", "python"):
-        register(root / "pool", root / "store", name, [Demo.from_json({"text": t}) for t in DOMAINS[name]], progress=False)
+    pool, store = pool_and_store(root, tiny_checkpoint(root / "model"))
     port = free_port()
-    proc = start_server(root / "pool", root / "store", port)
+    proc = start_server(pool, store, port)
     yield f"http://127.0.0.1:{port}"
     proc.terminate()
     proc.wait(timeout=20)

@@ -14,7 +14,7 @@ import torch
 from domex.runtime.engine import Engine
 from domex.runtime.pool import build
 from domex.runtime.serving import ContinuousScheduler, Job
-from domex.store.errors import Overloaded
+from domex.errors import Overloaded
 from domex.store.mask import Mask
 from tiny import FAMILIES, tiny_checkpoint
 

@@ -14,7 +14,7 @@ import pytest
 
 from domex.store.db import Store
 from domex.store.embed import DIM, get_embedder
-from domex.store.errors import DomainExists, EmptyStore, FingerprintMismatch, StoreError, UnknownDomain
+from domex.errors import DomainExists, EmptyStore, FingerprintMismatch, StoreError, UnknownDomain
 from domex.store.index import DemoIndex
 from domex.store.pattern import Pattern, decode_array, encode_array
 from domex.store.scores import CRITERIA

@@ -120,3 +120,15 @@ QUERIES = {"cooking": "Stir the soup and add salt and pepper before serving it h
            "python": "def mean(values):\n    return sum(values) / len(values)",
            "football": "The midfielder passed to the forward who shot into the top corner."}
 UNRELATED = "Quarterly revenue of the bank rose by three percent, the annual report to shareholders said."
+
+
+def pool_and_store(root, model_dir, domains=("cooking", "python")):
+    """An expert pool built from `model_dir` and a store with `domains` registered from DOMAINS, under `root`."""
+    from domex.runtime.indexer import register
+    from domex.runtime.pool import build
+    from domex.store.demos import Demo
+
+    build(model_dir, root / "pool", progress=False)
+    for name in domains:
+        register(root / "pool", root / "store", name, [Demo.from_json({"text": t}) for t in DOMAINS[name]], progress=False)
+    return root / "pool", root / "store"

@@ -59,7 +59,8 @@ def fallback_model(out: Path) -> Path:
 
 
 def ensure_pool(model_dir: Path, pool_dir: Path) -> Path:
-    from domex.runtime.pool import PoolManifest, build, fingerprint
+    from domex.runtime.checkpoint import fingerprint
+    from domex.runtime.pool import PoolManifest, build
 
     if not ((pool_dir / "manifest.json").is_file() and PoolManifest.from_dir(pool_dir).fingerprint == fingerprint(model_dir)):
         build(model_dir, pool_dir, progress=False)

@@ -28,7 +28,6 @@ import gzip
 import json
 import os
 import platform
-import socket
 import subprocess
 import sys
 import time
@@ -230,33 +229,18 @@ def bench_embedding(texts: list[str]) -> dict:
             "embed_nn_agreement": float(np.mean(nearest(vecs) == nearest(ref)))}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def serve(pool: Path, store: Path, flags: list[str]):
-    """A `domex serve` process on a free loopback port, up and answering /health; yields its URL."""
+    """A `domex serve` process on a free loopback port; yields its URL and stops it afterwards."""
     import contextlib
 
-    import httpx
+    from domex.runtime.server import free_port, spawn
 
     @contextlib.contextmanager
     def running():
         port = free_port()
-        server = subprocess.Popen([sys.executable, "-m", "domex.runtime.cli", "serve", "--pool", str(pool), "--store",
-                                   str(store), "--port", str(port), "--max-tokens", "128", *flags],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        url = f"http://127.0.0.1:{port}"
+        server = spawn(pool, store, port, "--max-tokens", "128", *flags, output=subprocess.DEVNULL)
         try:
-            for _ in range(600):
-                try:
-                    if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    time.sleep(0.5)
-            yield url
+            yield f"http://127.0.0.1:{port}"
         finally:
             server.terminate()
             server.wait(timeout=30)

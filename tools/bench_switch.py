@@ -33,7 +33,8 @@ import psutil
 import torch
 
 from domex.runtime.engine import Engine
-from domex.runtime.pool import Pool, PoolManifest, build, load_skeleton, write_safetensors
+from domex.runtime.checkpoint import write_safetensors
+from domex.runtime.pool import Pool, PoolManifest, build, load_skeleton
 from domex.store.mask import Mask
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -95,7 +96,7 @@ def write_synthetic(model_dir: Path) -> None:
 
 
 def ensure_pool(model_dir: Path, pool_dir: Path) -> PoolManifest:
-    from domex.runtime.pool import fingerprint
+    from domex.runtime.checkpoint import fingerprint
 
     if (pool_dir / "manifest.json").is_file() and PoolManifest.from_dir(pool_dir).fingerprint == fingerprint(model_dir):
         return PoolManifest.from_dir(pool_dir)
@@ -244,7 +245,8 @@ def build_peak(model_dir: Path, scratch: Path) -> dict:
     """Peak RSS of a pool build in a fresh process, against its RSS before building and the largest tensor."""
     code = f"""
 import json, shutil, psutil
-from domex.runtime.pool import build, Checkpoint
+from domex.runtime.checkpoint import Checkpoint
+from domex.runtime.pool import build
 import transformers, torch
 base = psutil.Process().memory_info().rss
 ckpt = Checkpoint({str(model_dir)!r})

@@ -27,7 +27,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -36,18 +35,14 @@ from pathlib import Path
 
 import httpx
 
+from domex.runtime.server import free_port, spawn
+
 ROOT = Path(__file__).resolve().parent.parent
 BASE = ("python", "sql", "german")  # registered once; the churn loop works on CHURN
 CHURN = "chaos"
 TOKEN = "chaos-token"
 MAX_TOKENS, MAX_BODY = 16, 64 * 1024
 JSON = {"content-type": "application/json"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def demos(domain: str, n: int) -> list[dict]:
@@ -80,20 +75,8 @@ def prepare(work: Path, model: Path, n_demos: int) -> tuple[Path, Path]:
 
 
 def start(pool: Path, store: Path, port: int, log) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "domex.runtime.cli", "serve", "--pool", str(pool), "--store", str(store),
-           "--port", str(port), "--admin-token", TOKEN, "--max-tokens", str(MAX_TOKENS), "--max-body-bytes", str(MAX_BODY)]
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"domex serve exited with {proc.returncode}; see {log.name}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            time.sleep(0.3)
-    proc.kill()
-    raise RuntimeError("domex serve did not come up in 180 s")
+    return spawn(pool, store, port, "--admin-token", TOKEN, "--max-tokens", str(MAX_TOKENS), "--max-body-bytes",
+                 str(MAX_BODY), output=log)
 
 
 def store_consistent(store: Path) -> tuple[bool, str]:

@@ -12,115 +12,24 @@ GPT-OSS, and checkpoints saved with `save_original_format=False`, keep the fused
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Mapping
-
 import torch
 
-from domex.store.errors import UnsupportedFamily
+from domex.errors import UnsupportedFamily
+from domex.store.mask import Mask
 
-from ..routing import RouterConfig, RoutingRule
+from ..routing import restrict_router, unrestrict_router
+from . import deepseek_v3, gpt_oss, mixtral, olmoe, qwen2_moe, qwen3_moe
+from .base import Adapter, FusedLayout, PerExpertLayout, softmax_router
 
-Getter = Callable[[str], torch.Tensor]
+__all__ = ["Adapter", "FusedLayout", "PerExpertLayout", "softmax_router", "FAMILIES", "adapter_for", "restrict",
+           "unrestrict"]
 
-
-@dataclass(frozen=True)
-class PerExpertLayout:
-    """One 2-D tensor per (layer, expert, projection): gate [I, H], up [I, H], down [H, I]."""
-
-    prefix: str  # e.g. "model.layers.{l}.mlp.experts.{e}."
-    gate: str = "gate_proj.weight"
-    up: str = "up_proj.weight"
-    down: str = "down_proj.weight"
-
-    def keys(self, l: int, e: int) -> list[str]:
-        p = self.prefix.format(l=l, e=e)
-        return [p + self.gate, p + self.up, p + self.down]
-
-    def read(self, get: Getter, l: int, e: int) -> dict[str, torch.Tensor]:
-        gate, up, down = (get(k) for k in self.keys(l, e))
-        return {"gate_up_proj": torch.cat([gate, up], dim=0), "down_proj": down}  # [2I, H], [H, I]
-
-    def write(self, l: int, e: int, params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        gate, up = params["gate_up_proj"].chunk(2, dim=0)
-        return dict(zip(self.keys(l, e), (gate.contiguous(), up.contiguous(), params["down_proj"].contiguous())))
-
-
-@dataclass(frozen=True)
-class FusedLayout:
-    """The in-memory fused tensors stored as they are: expert e of each parameter is `tensor[e]`."""
-
-    prefix: str  # e.g. "model.layers.{l}.mlp.experts."
-    params: tuple[str, ...] = ("gate_up_proj", "down_proj")
-
-    def tensor_keys(self, l: int) -> list[str]:
-        return [self.prefix.format(l=l) + p for p in self.params]
-
-    def read(self, get_slice: Callable[[str, int], torch.Tensor], l: int, e: int) -> dict[str, torch.Tensor]:
-        return {p: get_slice(k, e) for p, k in zip(self.params, self.tensor_keys(l))}
-
-
-def softmax_router(count_key: str, *, always_renormalize: bool = False, cast_weights: bool = True):
-    """RouterConfig reader for softmax routers: renormalised iff `norm_topk_prob` unless always."""
-
-    def read(config) -> RouterConfig:
-        renormalize = always_renormalize or bool(config.norm_topk_prob)
-        return RouterConfig(RoutingRule.SOFTMAX_TOPK, int(getattr(config, count_key)), int(config.num_experts_per_tok),
-                            renormalize=renormalize, cast_weights=cast_weights)
-
-    return read
-
-
-@dataclass(frozen=True)
-class Adapter:
-    """A family's facts; the defaults are transformers' common MoE layout (`mlp.gate`, `mlp.experts.{e}.*_proj`)."""
-
-    model_type: str
-    count_key: str = "num_experts"  # config key of the routed expert count (num_experts / num_local_experts / n_routed_experts)
-    router_attr: str = "gate"  # attribute of the MoE block that holds the router
-    router_prefix: str = "model.layers.{l}.mlp.gate."  # on-disk prefix of the router's tensors
-    router_config: Callable[[object], RouterConfig] = softmax_router("num_experts")
-    fused: FusedLayout = FusedLayout("model.layers.{l}.mlp.experts.")  # in memory; also save_original_format=False
-    per_expert: PerExpertLayout | None = PerExpertLayout("model.layers.{l}.mlp.experts.{e}.")  # usual on disk; None if fused
-    group_keys: tuple[str, str] | None = None  # config keys (n_group, topk_group) of group-limited routing
-    renames: tuple[tuple[str, str], ...] = ()  # on-disk -> in-memory substrings of non-expert keys (pool build)
-
-    def moe_blocks(self, model: torch.nn.Module) -> list[tuple[int, torch.nn.Module]]:
-        """(decoder layer index, MoE block) for every layer whose MLP has routed experts."""
-        return [(i, layer.mlp) for i, layer in enumerate(model.model.layers) if hasattr(layer.mlp, "experts")]
-
-    def router(self, block: torch.nn.Module) -> torch.nn.Module:
-        return getattr(block, self.router_attr)
-
-    def num_experts(self, config) -> int:
-        return int(getattr(config, self.count_key))
-
-    def memory_name(self, disk_key: str) -> str:
-        """The in-memory parameter name transformers loads an on-disk key as."""
-        for old, new in self.renames:
-            disk_key = disk_key.replace(old, new)
-        return disk_key
-
-    def disk_name(self, memory_key: str) -> str:
-        """The on-disk key of an in-memory name (renames undone, last first): what `domex export` writes."""
-        for old, new in reversed(self.renames):
-            memory_key = memory_key.replace(new, old)
-        return memory_key
-
-
-def _load_registry() -> dict[str, Adapter]:
-    from . import deepseek_v3, gpt_oss, mixtral, olmoe, qwen2_moe, qwen3_moe
-
-    return {m.ADAPTER.model_type: m.ADAPTER for m in (qwen3_moe, qwen2_moe, mixtral, olmoe, deepseek_v3, gpt_oss)}
-
-
-FAMILIES: dict[str, Adapter] = {}
+FAMILIES: dict[str, Adapter] = {m.ADAPTER.model_type: m.ADAPTER
+                                 for m in (qwen3_moe, qwen2_moe, mixtral, olmoe, deepseek_v3, gpt_oss)}
 
 
 def adapter_for(config) -> Adapter:
     """The adapter for an HF config (or its `model_type` string); refuses unknown architectures."""
-    if not FAMILIES:
-        FAMILIES.update(_load_registry())
     model_type = config if isinstance(config, str) else getattr(config, "model_type", None)
     if model_type not in FAMILIES:
         raise UnsupportedFamily(
@@ -128,3 +37,20 @@ def adapter_for(config) -> Adapter:
             "Add one module under runtime/families/ to support another MoE architecture."
         )
     return FAMILIES[model_type]
+
+
+def restrict(model: torch.nn.Module, mask: Mask, *, mode: str = "renormalize") -> None:
+    """Restrict every MoE layer of a stock transformers model to the mask's experts, in place."""
+    adapter = adapter_for(model.config)
+    cfg = adapter.router_config(model.config)
+    blocks = adapter.moe_blocks(model)
+    mask.check(len(blocks), cfg.num_experts, cfg.top_k)
+    for (_, block), kept in zip(blocks, mask.layers):
+        restrict_router(adapter.router(block), cfg, kept, mode=mode)
+
+
+def unrestrict(model: torch.nn.Module) -> None:
+    """Give every router of the model its stock forward back."""
+    adapter = adapter_for(model.config)
+    for _, block in adapter.moe_blocks(model):
+        unrestrict_router(adapter.router(block))

@@ -2,7 +2,7 @@
 routed_scaling_factor, always-on shared experts and dense first layers (`first_k_dense_replace`)."""
 
 from ..routing import RouterConfig, RoutingRule
-from . import Adapter
+from .base import Adapter
 
 
 def router_config(config) -> RouterConfig:

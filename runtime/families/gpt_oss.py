@@ -2,7 +2,7 @@
 on disk and in memory (gate/up interleaved, `gate_up_proj [E, H, 2I]`, `down_proj [E, I, H]`) with biases."""
 
 from ..routing import RouterConfig, RoutingRule
-from . import Adapter, FusedLayout
+from .base import Adapter, FusedLayout
 
 
 def router_config(config) -> RouterConfig:

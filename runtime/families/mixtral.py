@@ -1,7 +1,7 @@
 """Mixtral: softmax router, always renormalised, weights kept in fp32; on disk the block is `block_sparse_moe`
 with per-expert w1 (gate), w3 (up), w2 (down)."""
 
-from . import Adapter, PerExpertLayout, softmax_router
+from .base import Adapter, PerExpertLayout, softmax_router
 
 ADAPTER = Adapter(
     model_type="mixtral",

@@ -3,6 +3,6 @@
 The shared expert (`mlp.shared_expert`, `mlp.shared_expert_gate`) is a dense weight: always kept.
 """
 
-from . import Adapter
+from .base import Adapter
 
 ADAPTER = Adapter(model_type="qwen2_moe")

@@ -138,3 +138,9 @@ class Overloaded(DomexError):
     def __init__(self, message: str, retry_after: int = 1):
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class BadGateway(DomexError):
+    """An upstream server answered with a broken connection or protocol (the gateway)."""
+
+    http_status = 502

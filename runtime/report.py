@@ -1,0 +1,277 @@
+"""The evaluation's results as people read them: the markdown report and its PNG plots.
+
+Kept apart from the measuring (runtime/evaluate.py): how the numbers are shown changes here without
+touching how they are taken. `domex eval` lives here too: it measures (evaluate.evaluate), then writes.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from domex.store.atomic import save_figure, write_atomic
+from domex.store.scores import CRITERIA, PRIMARY
+
+from .evaluate import Results, evaluate
+
+
+def plot_accuracy(res: Results, path: Path) -> None:
+    """Accuracy vs budget: one panel per domain plus the mean over domains; full model as a line."""
+    import matplotlib.pyplot as plt
+
+    domains = res.setup["domains"]
+    panels = ["mean"] + domains
+    cols = min(3, len(panels))
+    rows_n = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(4.2 * cols, 3.2 * rows_n), squeeze=False)
+    series = [(f"{c} (domain)", "domain", c, "-") for c in res.setup["criteria"]]
+    series += [("random masks", "random", None, "--"), (f"{PRIMARY} task-agnostic", "agnostic", PRIMARY, ":")]
+    for ax, panel in zip(axes.flat, panels):
+        for label, kind, crit, style in series:
+            pts = {}
+            for r in res.quality:
+                if r.kind == kind and r.criterion == crit and (panel == "mean" or r.domain == panel):
+                    pts.setdefault(r.budget, []).append(r.accuracy)
+            if pts:
+                xs = sorted(pts)
+                ax.plot(xs, [np.mean(pts[x]) for x in xs], style, marker="o", ms=3, label=label)
+        full = [r.accuracy for r in res.quality if r.kind == "full" and (panel == "mean" or r.domain == panel)]
+        ax.axhline(float(np.mean(full)), color="black", lw=1, label="full model")
+        ax.set_title(panel if panel != "mean" else "mean over domains")
+        ax.set_xlabel("experts kept per layer (fraction)")
+        ax.set_ylabel("next-token accuracy")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def plot_confusion(res: Results, path: Path) -> None:
+    """Row-normalised confusion matrices: one row of panels per data set, one column per matcher."""
+    import matplotlib.pyplot as plt
+
+    data = list(dict.fromkeys(r.data for r in res.routing))
+    matchers = list(dict.fromkeys(r.matcher for r in res.routing))
+    fig, axes = plt.subplots(len(data), len(matchers), figsize=(5.5 * len(matchers), 4.8 * len(data)), squeeze=False)
+    for r in res.routing:
+        ax = axes[data.index(r.data), matchers.index(r.matcher)]
+        c = np.array(r.confusion, dtype=float)  # [true, predicted]
+        share = c / c.sum(axis=1, keepdims=True).clip(1)
+        ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+        for i in range(len(c)):
+            for j in range(len(c)):
+                if c[i, j]:
+                    ax.text(j, i, int(c[i, j]), ha="center", va="center", fontsize=7,
+                            color="white" if share[i, j] > 0.5 else "black")
+        ax.set_xticks(range(len(r.labels)), r.labels, rotation=45, ha="right")
+        ax.set_yticks(range(len(r.labels)), r.labels)
+        ax.set_xlabel("matched domain")
+        ax.set_ylabel("true domain")
+        ax.set_title(f"{r.matcher} on {r.data}: top-1 {r.accuracy:.1%}")
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def plot_detection(res: Results, path: Path) -> None:
+    """Share of each out-of-domain kind flagged, one bar per matcher, and the 90% goal."""
+    import matplotlib.pyplot as plt
+
+    kinds = sorted({k for d in res.detection for k in d.per_kind})
+    width = 0.8 / max(1, len(res.detection))
+    fig, ax = plt.subplots(figsize=(1.5 + 0.7 * len(kinds), 3.8))
+    for n, d in enumerate(res.detection):
+        xs = np.arange(len(kinds)) + (n - (len(res.detection) - 1) / 2) * width
+        ax.bar(xs, [d.per_kind.get(k, 0.0) for k in kinds], width, label=f"{d.matcher} (mean {d.caught:.0%})")
+    ax.axhline(0.9, color="black", lw=1, ls="--", label="goal 90%")
+    ax.set_xticks(range(len(kinds)), kinds, rotation=45, ha="right")
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("flagged out-of-domain")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def plot_overlap(res: Results, path: Path) -> None:
+    """Pairwise Jaccard overlap of the domains' masks at the target budget."""
+    import matplotlib.pyplot as plt
+
+    o = res.overlap
+    j = np.array(o["jaccard"])
+    fig, ax = plt.subplots(figsize=(1.2 + 0.6 * len(j), 1 + 0.55 * len(j)))
+    im = ax.imshow(j, cmap="viridis", vmin=0, vmax=1)
+    for a in range(len(j)):
+        for b in range(len(j)):
+            ax.text(b, a, f"{j[a, b]:.2f}", ha="center", va="center", fontsize=7, color="white" if j[a, b] < 0.6 else "black")
+    ax.set_xticks(range(len(j)), o["labels"], rotation=45, ha="right")
+    ax.set_yticks(range(len(j)), o["labels"])
+    ax.set_title(f"Jaccard of {o['criterion']} masks at {o['budget']:.0%}")
+    fig.colorbar(im, ax=ax)
+    save_figure(fig, path)
+
+
+PLOTS = {"accuracy_vs_budget.png": plot_accuracy, "confusion.png": plot_confusion, "ood_by_kind.png": plot_detection,
+         "mask_overlap.png": plot_overlap}
+
+
+def _first(n: int | None) -> str:
+    return "all" if n is None else f"the first {n}"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"] + \
+           ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def report(res: Results, images: str = "") -> str:
+    """The markdown report; `images` prefixes the PNG file names (a folder relative to the report)."""
+    s, m = res.setup, res.machine
+    b = s["target_budget"]
+    domains = s["domains"]
+    lines = ["# domex evaluation results", ""] + ([s["about"], ""] if s.get("about") else []) + [
+             f"Model: `{s['model_type']}` pool `{s['pool']}` (fingerprint `{s['fingerprint'][:12]}`), {s['moe_layers']} MoE "
+             f"layers x {s['experts']} routed experts, top-{s['top_k']}. Store `{s['store']}`: {len(domains)} domains.", "",
+             "Regenerate with:", "", "```bash", res.command, "```", "",
+             f"Machine: {m['arch']} {m['system']}, {m['cores']} cores ({m['torch_threads']} torch threads), {m['ram_gib']} GiB RAM, "
+             f"Python {m['python']}, torch {m['torch']}, transformers {m['transformers']}. "
+             f"Wall time {res.seconds.get('total', 0):.0f} s (quality {res.seconds.get('quality', 0):.0f} s, "
+             f"routing {res.seconds.get('routing', 0):.0f} s).", "",
+             f"Held-out data: `{s['eval_dir']}`. Pruning quality: {_first(s['max_passages'])} passages per "
+             f"domain ({', '.join(f'{d} {n}' for d, n in s['passages'].items())}; {sum(s['tokens'].values())} scored "
+             f"tokens), truncated to {s['context']} tokens; {s['runs']} (mask, domain) runs. Routing: "
+             f"{sum(s['routing_passages'].values())} in-domain passages ({_first(s['routing_passages_asked'])} per domain), "
+             f"{sum(s['queries'].values())} user-style queries and {sum(s['ood'].values())} out-of-domain texts of "
+             f"{len(s['ood'])} kinds.", "",
+             "## Targets (DESIGN §8)", ""]
+    lines += _table(["target", "goal", "measured", "met", "margin"],
+                    [[t.name, t.goal, t.value, "met" if t.met else "**missed**", t.by] for t in res.targets])
+    lines += ["", f"## Pruning quality at {b:.0%} of the experts", "",
+              "Next-token accuracy on each domain's held-out split (retention = accuracy / full model's).", ""]
+    cols = [("full", "full", None)] + [(c, "domain", c) for c in s["criteria"]] + \
+           [("random masks", "random", None), (f"{PRIMARY} agnostic", "agnostic", PRIMARY)]
+    table = []
+    for d in domains + ["mean"]:
+        cells = [d]
+        for _, kind, crit in cols:
+            rs = [r for r in res.quality if r.kind == kind and r.criterion == crit and (kind == "full" or abs(r.budget - b) < 1e-9)
+                  and (d == "mean" or r.domain == d)]
+            acc, ret = np.mean([r.accuracy for r in rs]), np.mean([r.retention for r in rs])
+            cells.append(f"{acc:.3f}" if kind == "full" else f"{acc:.3f} ({ret:.0%})")
+        table.append(cells)
+    lines += _table(["domain"] + [c for c, _, _ in cols], table)
+    lines += ["", "Mean NLL (nats per token) at the same budget:", ""]
+    table = []
+    for d in domains:
+        row = [d]
+        for _, kind, crit in cols:
+            rs = [r for r in res.quality if r.kind == kind and r.criterion == crit and r.domain == d
+                  and (kind == "full" or abs(r.budget - b) < 1e-9)]
+            row.append(f"{rs[0].nll:.3f}" if rs else "")
+        table.append(row)
+    lines += _table(["domain"] + [c for c, _, _ in cols], table)
+    lines += ["", "Mean retention over domains, by budget:", ""]
+    budgets = sorted({r.budget for r in res.quality if r.kind != "full"})
+    table = []
+    for label, kind, crit in cols[1:]:
+        row = [label]
+        for x in budgets:
+            rs = [r.retention for r in res.quality if r.kind == kind and r.criterion == crit and abs(r.budget - x) < 1e-9]
+            row.append(f"{np.mean(rs):.1%}")
+        table.append(row)
+    lines += _table(["mask"] + [f"{x:.0%}" for x in budgets], table)
+    lines += ["", f"![accuracy vs budget]({images}accuracy_vs_budget.png)", "",
+              "## Routing", "",
+              "Every matcher on held-out text, never the demos: passages cut from the held-out splits, and short "
+              "queries written the way users write (`queries/<domain>.jsonl`). Top-1 counts the nearest domain whether "
+              "or not the text was flagged out-of-domain; false alarms are in-domain texts flagged out-of-domain. "
+              "Thresholds are fitted on the registered demos alone (DESIGN §12).", ""]
+    lines += _table(["matcher", "data", "top-1", "false alarms", "seconds"] + domains,
+                    [[r.matcher, r.data, f"{r.accuracy:.1%}", f"{r.false_alarms:.1%}", f"{r.seconds:.1f}"]
+                     + [f"{r.per_domain[d]:.0%}" if d in r.per_domain else "" for d in domains] for r in res.routing])
+    kinds = sorted({k for d in res.detection for k in d.per_kind})
+    lines += ["", "Out-of-domain texts flagged, per kind (`ood/<kind>.jsonl`). Each kind is scored with thresholds "
+              "fitted without it; since thresholds use in-domain demos only, that is every kind with the same "
+              "thresholds, and the mean weights each kind equally.", ""]
+    lines += _table(["matcher", "checked view", "mean"] + kinds,
+                    [[d.matcher, d.view, f"{d.caught:.1%}"] + [f"{d.per_kind[k]:.0%}" if k in d.per_kind else "" for k in kinds]
+                     for d in res.detection])
+    lines += ["", "Per-domain thresholds (similarity below which a text is out-of-domain):", ""]
+    lines += _table(["matcher"] + domains, [[d.matcher] + [f"{d.thresholds[x]:.3f}" for x in domains] for d in res.detection])
+    lines += ["", f"![out-of-domain by kind]({images}ood_by_kind.png)"]
+    lines += ["", f"![confusion matrices]({images}confusion.png)", "",
+              f"## Mask overlap at {res.overlap['budget']:.0%} ({res.overlap['criterion']})", "",
+              "Mean over layers of |A and B| / |A or B| of two domains' masks.", ""]
+    lines += _table([""] + res.overlap["labels"],
+                    [[a] + [f"{v:.2f}" for v in row] for a, row in zip(res.overlap["labels"], res.overlap["jaccard"])])
+    lines += ["", f"![mask overlap]({images}mask_overlap.png)", "",
+              "## Method", "",
+              "- One Engine with every expert resident (budget 100%); `ensure(mask)` restricts each router to the mask's "
+              "experts, which equals structural removal (DESIGN §5). Forward hooks on the routers count the experts "
+              "actually selected; every run checks they all lie inside its mask (`experts_used` in results.json).",
+              "- Domain mask: `budget.domain_mask([pattern], budget, criterion)` (uniform top-n per layer, ties by frequency).",
+              "- Task-agnostic mask: `budget.domain_mask(all patterns, budget, criterion)`: every domain's scores "
+              "L1-normalised per layer and summed (`budget.merge`), then the same selection. No merged pattern is registered.",
+              f"- Random masks: n experts per layer drawn uniformly without replacement, seeds {s['random_seeds']}; "
+              "rows are the mean of the seeds (`accuracy_std` in results.json). The `random` criterion is the store's "
+              "seeded random scores, selected like the others.",
+              "- Passages are tokenised as plain text without special tokens (as the demo model was trained), "
+              "right-padded in length-sorted batches; every position but the first is scored against the next token.",
+              f"- A budget fraction keeps floor(fraction x E) experts per layer; targets are read at {b:.0%}.",
+              "- \"Beats\" means higher next-token accuracy on the domain's split (ties do not count); "
+              "\"most domains\" means more than half.", ""]
+    return "\n".join(lines)
+
+
+def write(res: Results, out: Path, publish: Path | None = None) -> None:
+    """results.json, report.md and the PNGs in `out`; with `publish`, that markdown file and its PNGs beside it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    out.mkdir(parents=True, exist_ok=True)
+    for name, draw in PLOTS.items():
+        draw(res, out / name)
+    write_atomic(out / "results.json", json.dumps(res.to_json(), indent=1).encode())
+    write_atomic(out / "report.md", report(res).encode())
+    if publish is not None:
+        images = publish.parent / "results"
+        images.mkdir(parents=True, exist_ok=True)
+        for name in PLOTS:
+            (images / name).write_bytes((out / name).read_bytes())
+        write_atomic(publish, report(res, images="results/").encode())
+
+
+def command_line(**options) -> str:
+    """The `domex eval` command that reproduces a run, from its options."""
+    parts = ["domex", "eval"]
+    for name in ("pool", "store", "budgets", "criteria", "eval_dir", "batch_size", "max_passages", "routing_passages",
+                 "max_len", "domain", "threads", "about", "publish", "out"):
+        for value in options[name] if name == "domain" and options[name] else [options[name]]:
+            if value not in (None, ""):
+                parts += [f"--{name.replace('_', '-')}", str(value)]
+    return shlex.join(parts)
+
+
+def eval_command(pool: str, store: str, out: str, budgets: str = "0.25,0.5,0.75", criteria: str = ",".join(CRITERIA),
+                 eval_dir: str = "patterns/eval", max_passages: int | None = None, routing_passages: int | None = None,
+                 max_len: int | None = None, batch_size: int = 16, domain: list[str] | None = None,
+                 publish: str | None = None, about: str | None = None, threads: int | None = None,
+                 quiet: bool = False) -> int:
+    """`domex eval`: evaluate, write the outputs, print the targets."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+    command = command_line(pool=pool, store=store, budgets=budgets, criteria=criteria, eval_dir=eval_dir,
+                           batch_size=batch_size, max_passages=max_passages, routing_passages=routing_passages,
+                           max_len=max_len, domain=domain, threads=threads, about=about, publish=publish, out=out)
+    res = evaluate(pool, store, budgets=budgets, criteria=criteria, eval_dir=eval_dir, max_passages=max_passages,
+                   routing_passages=routing_passages, max_len=max_len, batch_size=batch_size, domains=domain,
+                   command=command, about=about or "", progress=not quiet)
+    write(res, Path(out), Path(publish) if publish else None)
+    for t in res.targets:
+        print(f"{'met   ' if t.met else 'MISSED'}  {t.name}: {t.value} (goal {t.goal}; {t.by})")
+    print(f"wrote {out}/results.json, report.md, {', '.join(PLOTS)}" + (f"; {publish}" if publish else ""))
+    return 0
