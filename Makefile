@@ -1,5 +1,6 @@
 # Two commands: `make demo` and `make test`. Each sets up .venv on its own, idempotently:
-# torch==2.13.0 first (the CPU build; an unpinned torch would pull a CUDA build), then domex.
+# torch==2.13.0 first (the CPU build; an unpinned torch would pull a CUDA build), then domex with its test
+# and Ray Serve extras (CI runs the Ray tests too).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -16,7 +17,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[test,ray]"
 	touch $(STAMP)
 
 demo: $(STAMP)

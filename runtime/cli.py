@@ -114,6 +114,23 @@ COMMANDS: dict[str, Command] = {
             help="open the store read-only (nothing written); registering and deleting domains answer 503"),
         arg("--verify-pool", action="store_true",
             help="check every expert's checksum at start (default: files, sizes and manifest only)"))),
+    "ray-serve": Command("ray_app:ray_serve_command", "domex on Ray Serve: an ingress (selection, the HTTP routes of "
+                         "serve) in front of expert replicas multiplexed by domain (needs domex[ray])", (
+        POOL, STORE,
+        arg("--replicas", type=int, default=2, help="expert replicas (each an Engine on the shared pool)"),
+        arg("--domains-per-replica", type=int, default=2, help="domains (masks) one replica holds at once"),
+        arg("--address", help="an existing Ray cluster (e.g. ray://head:10001 or auto); default: start a local one"),
+        arg("--replica-cpus", type=float, default=0.0, help="CPUs Ray reserves per replica (0: no reservation)"),
+        arg("--no-multiplex", action="store_true", help="place requests without domain affinity (a baseline)"),
+        arg("--budget", default="50%", help="each domain's experts per layer: " + BUDGET_HELP),
+        CRITERION, RULE, MATCHER,
+        arg("--policy", default="nearest", help="out-of-domain fallback: nearest, union, general or full"), QUANTILE,
+        arg("--host", default="127.0.0.1"), arg("--port", type=int, default=8000),
+        arg("--dtype", default="auto", help="compute dtype: auto (the checkpoint's on GPU, float32 on CPU), "
+            "float32 or bfloat16"),
+        arg("--max-batch", type=int, default=32, help="most requests one replica decodes together"),
+        arg("--admin-token", help="when set, POST/DELETE /v1/domains need 'Authorization: Bearer TOKEN'"),
+        arg("--max-tokens", type=int, default=512, help="largest max_tokens a request may ask for"))),
     "export": Command("export:export_command", "write a domain's experts as a compact HF checkpoint "
                       "(vLLM / SGLang / transformers)", (
         POOL, arg("--store", help="pattern store folder (domex register)"),

@@ -88,6 +88,11 @@ class Selection:
     mask: Mask
 
     @property
+    def key(self) -> str:
+        """The domains as one name ('python', 'python+sql'; '*' for every expert): a replica's unit of residency."""
+        return "+".join(self.domains) if self.domains is not None else "*"
+
+    @property
     def domain(self) -> str:
         return self.match.domain if self.match is not None else self.domains[0]
 

@@ -134,7 +134,9 @@ def chat_prompt(tokenizer, messages: list[dict]) -> str:
     return "\n".join(m["content"] for m in messages) + "\n"
 
 
-def create_app(state: ServerState) -> FastAPI:
+def create_app(state: ServerState, scheduler=None) -> FastAPI:
+    """The HTTP app over `state`; `scheduler` (anything with `submit(job)`) defaults to the one state.config names,
+    running on state.engine (the Ray ingress passes one that forwards jobs to its replicas)."""
     app = FastAPI(title="domex", version="0.1.0")
 
     def on_load(report):
@@ -153,9 +155,9 @@ def create_app(state: ServerState) -> FastAPI:
 
     state.selector.observe = on_match
     config = state.config
-    if config.scheduler == "static":
+    if scheduler is None and config.scheduler == "static":
         scheduler = SCHEDULERS["static"](state.engine, max_batch=config.max_batch, on_load=on_load)
-    else:
+    elif scheduler is None:
         scheduler = SCHEDULERS["continuous"](state.engine, max_batch=config.max_batch, max_waiting=config.max_waiting,
                                              max_overtakes=config.max_overtakes, on_load=on_load)
     # prompts are tokenised on request threads with a tokenizer of their own: a fast tokenizer's padding and
@@ -211,6 +213,7 @@ def create_app(state: ServerState) -> FastAPI:
         chunks: asyncio.Queue = asyncio.Queue()
         put = lambda item: loop.call_soon_threadsafe(chunks.put_nowait, item)  # noqa: E731
         job = Job(ids, body.max_tokens, body.temperature, body.top_p, selection.mask, match=selection.match,
+                  key=selection.key,
                   emit=lambda text: put(("text", text)), finish=lambda reason, usage: put(("done", reason, usage)),
                   fail=lambda exc: put(("error", exc)))
         scheduler.submit(job)
@@ -235,6 +238,7 @@ def create_app(state: ServerState) -> FastAPI:
                             outcome = "invalid" if code < 500 else "error"
                             break
                         text, reason = (item[1], None) if item[0] == "text" else ("", item[1])
+                        domex.update(job.info if item[0] == "done" else {})
                         yield f"data: {json.dumps(completion_body(rid, state.model_name, text, reason, domex, None, chat))}\n\n"
                         if item[0] == "done":
                             if body.stream_options and body.stream_options.include_usage:
@@ -269,6 +273,7 @@ def create_app(state: ServerState) -> FastAPI:
                 raise item[1]  # the error handlers answer and count it
             else:
                 finished("ok")
+                domex.update(job.info)
                 return JSONResponse(completion_body(rid, state.model_name, "".join(parts), item[1], domex, item[2], chat),
                                     headers=headers)
 
@@ -341,15 +346,10 @@ def parse(model, raw: bytes):
         raise RequestValidationError(e.errors()) from None
 
 
-def serve_command(pool: str, store: str, host: str = "127.0.0.1", port: int = 8000, device: str = "cpu",
-                  admin_token: str | None = None, max_tokens: int = 512, max_body_bytes: int = 1 << 20,
-                  max_prompt_tokens: int | None = None, max_demos: int = 256, read_only: bool = False,
-                  verify_pool: bool = False, **serving) -> int:
-    """`domex serve`: open the engine and the store, verify the pool, then serve until interrupted.
-
-    `serving` holds the ServeConfig options (budget, resident, criterion, rule, policy, matcher, ...)."""
-    import uvicorn
-
+def open_state(pool: str, store: str, config: ServeConfig, *, device: str = "cpu", slots: str | None = None,
+               read_only: bool = False, verify_pool: bool = False, **limits) -> ServerState:
+    """The engine, store, matcher and selection that serve `pool` with `store`. `slots` overrides the resident
+    set (the Ray ingress keeps top_k: it only matches and tokenises); `limits` are ServerState's request limits."""
     from domex.store.budget import Budget
     from domex.store.demos import Demo
 
@@ -358,9 +358,10 @@ def serve_command(pool: str, store: str, host: str = "127.0.0.1", port: int = 80
     from .match import make_matcher
     from .selection import MaskBook
 
-    config = ServeConfig.of(serving)  # a bad flag stops the start here, named
-    engine = Engine.open(pool, budget=config.resident or config.budget, device=device, dtype=config.dtype)  # checks files, sizes
-    config.check_fits(engine.pool.manifest)
+    engine = Engine.open(pool, budget=slots or config.resident or config.budget, device=device,
+                         dtype=config.dtype)  # checks files, sizes
+    if slots is None:
+        config.check_fits(engine.pool.manifest)
     if verify_pool:
         for bad in engine.pool.verify_checksums():
             log.warning("pool verification: %s failed its checksum; requests that need it will fail", bad)
@@ -374,9 +375,23 @@ def serve_command(pool: str, store: str, host: str = "127.0.0.1", port: int = 80
         parsed = [Demo.from_json(d, where=f"demos[{i}]") for i, d in enumerate(demos)]
         return register(pool, opened, name, parsed, replace=replace, streaming=True, progress=False)
 
-    state = ServerState(engine, opened, Selector(opened, matcher, masks, config.policy), model_name=Path(pool).name,
-                        config=config, register_domain=register_domain, admin_token=admin_token, max_tokens=max_tokens,
-                        max_prompt_tokens=max_prompt_tokens, max_body_bytes=max_body_bytes, max_demos=max_demos)
+    return ServerState(engine, opened, Selector(opened, matcher, masks, config.policy), model_name=Path(pool).name,
+                       config=config, register_domain=register_domain, **limits)
+
+
+def serve_command(pool: str, store: str, host: str = "127.0.0.1", port: int = 8000, device: str = "cpu",
+                  read_only: bool = False, verify_pool: bool = False, admin_token: str | None = None,
+                  max_tokens: int = 512, max_body_bytes: int = 1 << 20, max_prompt_tokens: int | None = None,
+                  max_demos: int = 256, **serving) -> int:
+    """`domex serve`: open the engine and the store, verify the pool, then serve until interrupted.
+
+    `serving` holds the ServeConfig options (budget, resident, criterion, rule, policy, matcher, ...)."""
+    import uvicorn
+
+    config = ServeConfig.of(serving)  # a bad flag stops the start here, named
+    state = open_state(pool, store, config, device=device, read_only=read_only, verify_pool=verify_pool,
+                       admin_token=admin_token, max_tokens=max_tokens, max_body_bytes=max_body_bytes,
+                       max_prompt_tokens=max_prompt_tokens, max_demos=max_demos)
     uvicorn.run(create_app(state), host=host, port=port, log_level="info")
     return 0
 

@@ -67,9 +67,11 @@ class Job:
     finish: Callable[[str, dict], None]
     fail: Callable[[Exception], None]
     match: Match | None = None
+    key: str = ""  # the selection's domains ("python", "python+sql", "*"): what a replica holds for it
     cancelled: threading.Event = field(default_factory=threading.Event)
     enqueued: float = field(default_factory=time.perf_counter)
     tokens: list[int] = field(default_factory=list)  # generated so far
+    info: dict = field(default_factory=dict)  # what the backend reports with the result (e.g. which replica)
 
     def usage(self) -> dict:
         return {"prompt_tokens": len(self.ids), "completion_tokens": len(self.tokens),
