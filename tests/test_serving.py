@@ -73,9 +73,9 @@ def prompts(n: int, seed: int = 0) -> list[list[int]]:
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_mixed_domain_rows_equal_their_solo_runs(pools, family):
+def test_mixed_domain_rows_equal_their_solo_runs(pools, family, device):
     """Rows with different masks share batches; every request equals its solo restricted run."""
-    engine = Engine.open(pools[family], budget=str(E))
+    engine = Engine.open(pools[family], budget=str(E), device=device)
     layers = engine.pool.manifest.num_layers
     masks = [random_mask(s, 4, layers) for s in range(3)]
     cases = [(ids, masks[i % 3], 4 + 3 * i) for i, ids in enumerate(prompts(6, seed=len(family)))]
