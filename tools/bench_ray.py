@@ -90,7 +90,7 @@ def main() -> int:
     for name, multiplex in (("on", True), ("off", False)):
         result[f"multiplex_{name}"] = run_mode(args.pool, args.store, multiplex, args, work)
     on, off = result["multiplex_on"], result["multiplex_off"]
-    print(f"| measure | multiplexing on | off (plain load balancing) | on / off |\n|---|---|---|---|")
+    print("| measure | multiplexing on | off (plain load balancing) | on / off |\n|---|---|---|---|")
     for key, label in (("rps", "requests/s"), ("loads_per_request", "domain loads per request"),
                        ("latency_p50_ms", "latency p50 (ms)")):
         print(f"| {label} | {on[key]:.3f} | {off[key]:.3f} | {on[key] / max(off[key], 1e-9):.2f}x |")
