@@ -38,28 +38,39 @@ class ReplicaScheduler:
     def submit(self, job: Job) -> None:
         asyncio.get_running_loop().create_task(self._forward(job))
 
-    async def _forward(self, job: Job) -> None:
+    async def _forward(self, job: Job, attempts: int = 4) -> None:
+        """Stream one job from a replica. A replica that dies before the job streamed anything costs nothing:
+        the job goes to another (Ray replaces the dead one); after the first text it fails cleanly (503)."""
         from ray.exceptions import RayActorError, RayTaskError
 
         handle = self.handle.options(multiplexed_model_id=job.key) if self.multiplex else self.handle
-        stream = handle.generate.remote(job.ids, job.max_tokens, job.temperature, job.top_p, job.key,
-                                        [list(layer) for layer in job.mask.layers], job.mask.num_experts)
-        try:
-            async for kind, *rest in stream:
-                if job.cancelled.is_set():  # the client went away: the replica frees the row
-                    stream.cancel()
+        streamed = False
+        for attempt in range(attempts):
+            stream = handle.generate.remote(job.ids, job.max_tokens, job.temperature, job.top_p, job.key,
+                                            [list(layer) for layer in job.mask.layers], job.mask.num_experts)
+            try:
+                async for kind, *rest in stream:
+                    if job.cancelled.is_set():  # the client went away: the replica frees the row
+                        stream.cancel()
+                        return
+                    if kind == "text":
+                        streamed = True
+                        job.emit(rest[0])
+                    else:
+                        job.info.update(rest[2])
+                        job.finish(rest[0], rest[1])
+                return
+            except RayTaskError as e:  # the replica raised: hand on its own error (CacheTooSmall, Overloaded, ...)
+                job.fail(getattr(e, "cause", None) or e)
+                return
+            except RayActorError as e:
+                if streamed or attempt == attempts - 1:
+                    job.fail(UpstreamUnavailable(f"the replica serving this request died ({type(e).__name__}); retry"))
                     return
-                if kind == "text":
-                    job.emit(rest[0])
-                else:
-                    job.info.update(rest[2])
-                    job.finish(rest[0], rest[1])
-        except RayTaskError as e:  # the replica raised: hand on its own error (CacheTooSmall, Overloaded, ...)
-            job.fail(getattr(e, "cause", None) or e)
-        except RayActorError as e:
-            job.fail(UpstreamUnavailable(f"the replica serving this request died ({type(e).__name__}); retry"))
-        except Exception as e:  # noqa: BLE001  (the request's own failure; the ingress goes on)
-            job.fail(e)
+                await asyncio.sleep(0.5 * (attempt + 1))
+            except Exception as e:  # noqa: BLE001  (the request's own failure; the ingress goes on)
+                job.fail(e)
+                return
 
 
 class ExpertReplica:
