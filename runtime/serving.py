@@ -37,6 +37,7 @@ benchmark: batches formed from the queue, run to their longest row under the uni
 from __future__ import annotations
 
 import collections
+import logging
 import queue
 import threading
 import time
@@ -52,6 +53,8 @@ from domex.errors import Overloaded, PoolError
 from domex.store.mask import Mask
 
 from .match import Match
+
+log = logging.getLogger("domex.serving")
 
 
 @dataclass
@@ -164,6 +167,7 @@ class Row:
     text: TextStream | None
     position: int  # position id of the last token taken (the next one fed)
     next_token: int
+    ended: bool = False  # finished (its job told) or cancelled
 
 
 class ContinuousScheduler:
@@ -202,11 +206,18 @@ class ContinuousScheduler:
 
     def _loop(self) -> None:
         while True:
-            admitted = self._admissible()
-            if admitted:
-                self._prefill(admitted)
-            if self.rows:
-                self._decode()
+            try:
+                admitted = self._admissible()
+                if admitted:
+                    self._prefill(admitted)
+                if self.rows:
+                    self._decode()
+            except Exception as e:  # a bug here must not stop the worker: the rows it hit fail, serving goes on
+                log.exception("scheduler step failed")
+                for r in self.rows:
+                    if not r.ended:
+                        r.job.fail(e)
+                self.rows, self.cache, self.attention = [], None, None
 
     def _admissible(self) -> list[Job]:
         """The waiting jobs that join now: FIFO, while rows are free and the union of masks fits the slots."""
@@ -291,23 +302,26 @@ class ContinuousScheduler:
             self._leave(keep)
 
     def _take(self, row: Row, token: int) -> bool:
-        """Append a sampled token to its row (streaming it); False when the row is done and was finished."""
+        """Append a sampled token to its row (streaming it); False when the row ended (finished or cancelled)."""
         job = row.job
-        if job.cancelled.is_set():
-            return False
-        if token in self.stop:
-            job.finish("stop", job.usage())
-            return False
-        job.tokens.append(token)
-        if row.text is not None:
-            row.text.push()
-        row.position += 1
-        row.next_token = token
-        at_context = self.context is not None and len(job.ids) + len(job.tokens) >= self.context
-        if len(job.tokens) >= job.max_tokens or at_context:
-            job.finish("length", job.usage())
-            return False
-        return True
+        reason = None  # cancelled: the client is gone, nobody to tell
+        if not job.cancelled.is_set():
+            if token in self.stop:
+                reason = "stop"
+            else:
+                job.tokens.append(token)
+                if row.text is not None:
+                    row.text.push()
+                row.position += 1
+                row.next_token = token
+                at_context = self.context is not None and len(job.ids) + len(job.tokens) >= self.context
+                if len(job.tokens) < job.max_tokens and not at_context:
+                    return True
+                reason = "length"
+        row.ended = True
+        if reason:
+            job.finish(reason, job.usage())
+        return False
 
     def _leave(self, keep: list[int]) -> None:
         """Drop the rows not in `keep` from the batch, its KV cache and mask."""

@@ -229,3 +229,19 @@ def test_a_row_at_the_context_limit_ends_with_length(pools):
     scheduler.submit(job)
     assert o.done.wait(60) and o.error is None
     assert o.reason == "length" and len(ids) + len(job.tokens) == context
+
+
+def test_a_failing_step_fails_its_rows_and_the_worker_goes_on(pools, monkeypatch):
+    engine = Engine.open(pools["qwen3_moe"], budget=str(E))
+    scheduler = ContinuousScheduler(engine)
+    mask = random_mask(6, 4, L)
+    ids = prompts(2, seed=12)
+    broken = Outcome()
+    monkeypatch.setattr(scheduler, "_decode", lambda: (_ for _ in ()).throw(RuntimeError("bug in a step")))
+    scheduler.submit(broken.job(ids[0], mask, 3))
+    assert broken.done.wait(60) and isinstance(broken.error, RuntimeError)
+    monkeypatch.undo()
+    after = Outcome()
+    job = after.job(ids[1], mask, 3)
+    scheduler.submit(job)
+    assert after.done.wait(60) and after.error is None and job.tokens == solo(engine, ids[1], mask, 3)[:len(job.tokens)]
