@@ -135,3 +135,23 @@ def test_routing_differs_between_domains(model, tok):
     for a, b in itertools.combinations(sets, 2):
         jac = [len(x & y) / len(x | y) for x, y in zip(sets[a], sets[b])]
         assert sum(jac) / len(jac) < 0.8, f"{a} and {b} route to nearly the same experts: {jac}"
+
+
+def test_request_style_training_items_name_what_the_passage_defines_and_skip_held_out_queries():
+    import random
+    import sys
+
+    sys.path.insert(0, str(ROOT / "tools"))
+    from train_demo_model import held_out_queries, requests_of
+
+    code = "import os\n\ndef parse_header(buf):\n    return buf[:4]\n"
+    [item] = requests_of("python", code, random.Random(0), set())
+    request, response = item.split("<|end|>\n<|assistant|>\n")
+    assert request.startswith("<|user|>\n") and "parse_header" in request and response.startswith(code.strip())
+    assert requests_of("python", "x = 1\n", random.Random(0), set()) == []  # nothing defined, nothing asked
+    held_out = held_out_queries(PATTERNS)
+    assert held_out and all(q == q.lower() for q in held_out)
+    prose = "A friend in need is a friend indeed."
+    asked = {requests_of("english", prose, random.Random(s), set())[0].split("<|end|>")[0][len("<|user|>\n"):].lower()
+             for s in range(20)}
+    assert requests_of("english", prose, random.Random(0), asked) == []  # a request equal to a held-out query is dropped

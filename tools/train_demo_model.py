@@ -20,6 +20,7 @@ import gzip
 import json
 import math
 import random
+import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,7 +37,8 @@ DOMAINS = ["python", "c", "math", "sql", "english", "german", "spanish", "unix"]
 @dataclass
 class TrainConfig:
     steps: int = 1500
-    seqs_per_domain: int = 1
+    seqs_per_domain: int = 4  # v1 trained with 1: 4 sequences per domain fill both cores' matmuls better
+    threads: int = 2  # v1 trained on 1
     seq_len: int = 256
     lr: float = 3e-3
     min_lr_frac: float = 0.05
@@ -79,8 +81,55 @@ def chatify(domain: str, passage: str) -> str:
     return "".join(turns)
 
 
-def domain_stream(corpus: Path, domain: str, tok, seed: int, cache: Path) -> np.ndarray:
-    """All training passages of a domain as one uint16 token stream, eos between passages."""
+CHAT = "<|user|>\n{request}<|end|>\n<|assistant|>\n{response}<|end|>\n"
+REQUESTS = {  # request templates per domain: {name} is filled from the passage the request asks for
+    "python": ["Write a Python function {name}.", "How is {name} implemented in Python?",
+               "Show me Python code that defines {name}.", "Can you write {name} in Python for me?"],
+    "c": ["Write the C function {name}.", "How would you implement {name} in C?",
+          "Show me C code for {name}.", "Give me a C implementation of {name}."],
+    "unix": ["What does the {name} command do?", "How do I use {name}?", "Show me the manual of {name}.",
+             "Explain the options of {name}."],
+    "english": ["Tell me a saying.", "Write a short quote.", "Give me a piece of advice.", "Share a funny line."],
+    "german": ["Erzähl mir einen Spruch.", "Schreib ein kurzes Gedicht.", "Gib mir einen guten Rat.",
+               "Kennst du ein Zitat?"],
+    "spanish": ["Dime un refrán.", "Escríbeme una cita corta.", "Dame un consejo.", "¿Conoces alguna frase célebre?"],
+}
+DEFINED = {"python": re.compile(r"^\s*def (\w+)\(", re.M), "c": re.compile(r"^[A-Za-z_][\w \*]*?\b(\w+)\([^;{]*\)\s*\{", re.M),
+           "unix": re.compile(r"^NAME\s*\n\s+([\w.+-]+)", re.M)}
+
+
+def requests_of(domain: str, text: str, rng: random.Random, held_out: set[str]) -> list[str]:
+    """Chat items in the form users send: a request about the passage, then the passage as the answer.
+
+    Code and man pages: the request names a function or command the passage defines. Prose: a generic
+    request in the domain's language. Math and SQL passages already hold question/answer items (chatify).
+    Requests that equal a held-out query (patterns/eval/queries, patterns/dev) are dropped."""
+    if domain in DEFINED:
+        names = DEFINED[domain].findall(text)
+        if not names:
+            return []
+        request = rng.choice(REQUESTS[domain]).format(name=rng.choice(names))
+    else:
+        request = rng.choice(REQUESTS[domain])
+    if request.lower().strip() in held_out:
+        return []
+    return [CHAT.format(request=request, response=text.strip())]
+
+
+def held_out_queries(patterns: Path) -> set[str]:
+    """Every evaluation and dev query, lower-cased: training requests must not repeat them."""
+    out = set()
+    for folder in (patterns / "eval" / "queries", patterns / "dev"):
+        for path in folder.rglob("*.jsonl"):
+            out |= {json.loads(line)["text"].lower().strip() for line in path.read_text(encoding="utf-8").splitlines()
+                    if line.strip()}
+    return out
+
+
+def domain_stream(corpus: Path, domain: str, tok, seed: int, cache: Path, held_out: set[str] = frozenset(),
+                  request_share: float = 0.25) -> np.ndarray:
+    """All training passages of a domain as one uint16 token stream, eos between passages; about
+    `request_share` of the passages also appear as the answer to a user-style request (chat template)."""
     path = cache / f"{domain}.npy"
     if path.exists():
         return np.load(path)
@@ -88,6 +137,10 @@ def domain_stream(corpus: Path, domain: str, tok, seed: int, cache: Path) -> np.
     texts = [json.loads(l)["text"] for l in open(corpus / domain / "train.jsonl", encoding="utf-8")]
     if domain in ("math", "sql"):
         texts = [chatify(domain, t) if rng.random() < 0.5 else t for t in texts]
+    elif request_share > 0:
+        asked = random.Random(f"{seed}:requests:{domain}")
+        texts += [item for t in texts if asked.random() < request_share for item in requests_of(domain, t, asked, held_out)]
+        asked.shuffle(texts)
     ids = tok(texts, add_special_tokens=False).input_ids
     eos = tok.eos_token_id
     arr = np.fromiter((t for seq in ids for t in (*seq, eos)), dtype=np.uint16)
@@ -193,6 +246,33 @@ def load_ckpt(ckpt: Path, model, opt, rng: np.random.Generator) -> tuple[int, in
 
 # ---------------------------------------------------------------- main
 
+def bench(tok, streams: dict[str, np.ndarray], cfg: TrainConfig, steps: int, work: Path) -> dict:
+    """Training tokens/s of v1's settings (1 thread, 1 sequence per domain) and of `cfg`, measured in one run."""
+    out = {}
+    for name, threads, seqs in (("v1", 1, 1), ("now", cfg.threads, cfg.seqs_per_domain)):
+        torch.set_num_threads(threads)
+        torch.manual_seed(cfg.seed)
+        run = TrainConfig(seqs_per_domain=seqs, threads=threads)
+        model = Qwen3MoeForCausalLM(model_config(tok)).train()
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+        rng = np.random.default_rng(cfg.seed)
+        for i in range(steps + 1):  # the first step warms up and is not timed
+            if i == 1:
+                t0 = time.time()
+            batch = sample_batch(streams, rng, run)
+            model(input_ids=batch[:, :-1], labels=batch[:, :-1].clone(), output_router_logits=True).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        out[name] = {"threads": threads, "seqs_per_domain": seqs,
+                     "tokens_per_s": steps * len(DOMAINS) * seqs * cfg.seq_len / (time.time() - t0)}
+        print(f"{name}: {threads} thread(s), {seqs} sequence(s) per domain: {out[name]['tokens_per_s']:.0f} tokens/s")
+    out["speedup"] = out["now"]["tokens_per_s"] / out["v1"]["tokens_per_s"]
+    print(f"speedup {out['speedup']:.2f}x")
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "bench.json").write_text(json.dumps(out, indent=1))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--corpus", type=Path, default=Path("/work/scratch/corpus"))
@@ -202,14 +282,20 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=TrainConfig.steps)
     ap.add_argument("--lr", type=float, default=TrainConfig.lr)
     ap.add_argument("--resume", action="store_true")
-    ap.add_argument("--bench", type=int, default=0, help="time this many steps and exit")
+    ap.add_argument("--bench", type=int, default=0, help="time this many steps with v1's settings and with these, "
+                    "in one run, print tokens/s of both, write <work>/bench.json and exit")
     args = ap.parse_args()
     cfg = TrainConfig(steps=args.steps, lr=args.lr)
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     tok = AutoTokenizer.from_pretrained(args.out)
-    streams = {d: domain_stream(args.corpus, d, tok, cfg.seed, args.work / "tokens") for d in tqdm(DOMAINS, desc="tokenize")}
+    held_out = held_out_queries(args.patterns)
+    streams = {d: domain_stream(args.corpus, d, tok, cfg.seed, args.work / "tokens", held_out)
+               for d in tqdm(DOMAINS, desc="tokenize")}
+    if args.bench:
+        bench(tok, streams, cfg, args.bench, args.work)
+        return
     evals = {d: eval_batch(tok, read_eval(args.patterns, d)[:cfg.eval_passages], cfg.seq_len) for d in DOMAINS}
     print({d: len(s) for d, s in streams.items()})
 
@@ -233,13 +319,13 @@ def main() -> None:
         with open(log_path, "a") as f:
             f.write(json.dumps({"resume": step, "steps": cfg.steps, "tokens": tokens}) + "\n")
         print(f"resumed at step {step}, planning {cfg.steps} steps")
-    elif not args.bench:
+    else:
         log_path.write_text(json.dumps({"config": asdict(cfg), "model": mcfg.to_dict(),
                                         "params": sum(p.numel() for p in model.parameters())}) + "\n")
     model.train()
     t0, acc_loss, acc_aux, n_acc = time.time(), 0.0, 0.0, 0
     bar = tqdm(total=cfg.steps, initial=step, desc="train")
-    while step < (args.bench or cfg.steps):
+    while step < cfg.steps:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
         batch = sample_batch(streams, rng, cfg)
@@ -256,8 +342,6 @@ def main() -> None:
         acc_aux += aux
         n_acc += 1
         bar.update(1)
-        if args.bench:
-            continue
         if step % cfg.log_every == 0 or step == cfg.steps:
             rec = {"step": step, "tokens": tokens, "lr": lr_at(step - 1, cfg), "train_loss": acc_loss / n_acc,
                    "aux_loss": acc_aux / n_acc, "elapsed_s": round(time.time() - t0, 1)}
@@ -270,11 +354,6 @@ def main() -> None:
         if step % cfg.ckpt_every == 0 or step == cfg.steps:
             save_ckpt(ckpt, model, opt, step, rng, tokens)
     bar.close()
-    if args.bench:
-        dt = time.time() - t0
-        print(f"{args.bench} steps in {dt:.1f}s: {dt / args.bench:.2f}s/step, "
-              f"{args.bench * cfg.seq_len * cfg.seqs_per_domain * len(DOMAINS) / dt:.0f} tok/s")
-        return
     model.to(torch.bfloat16).save_pretrained(args.out)
     GenerationConfig(bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                      do_sample=False, max_new_tokens=64).save_pretrained(args.out)
