@@ -290,8 +290,8 @@ def main() -> None:
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     tok = AutoTokenizer.from_pretrained(args.out)
-    held_out = held_out_queries(args.patterns)
-    streams = {d: domain_stream(args.corpus, d, tok, cfg.seed, args.work / "tokens", held_out)
+    queries = held_out_queries(args.patterns)
+    streams = {d: domain_stream(args.corpus, d, tok, cfg.seed, args.work / "tokens", queries)
                for d in tqdm(DOMAINS, desc="tokenize")}
     if args.bench:
         bench(tok, streams, cfg, args.bench, args.work)
