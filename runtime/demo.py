@@ -21,18 +21,23 @@ ROOT = Path(__file__).resolve().parent.parent
 MODEL = ROOT / "models" / "tiny-moe"
 PACKS = ROOT / "patterns"
 
-QUERIES = [
-    ("python", "def read_config(path):"),
-    ("german", "Wer nicht wagt, der nicht gewinnt, sagte mein Großvater immer."),
-    ("math", "Question: A baker sells 14 loaves a day for 6 days. How many loaves does he sell?"),
-    ("python", "for index, item in enumerate(items):"),
-    ("sql", "Question: list the names of all customers from Berlin."),
-    ("c", "#include <stdio.h>\nstatic int parse_header(const char *buf, size_t len)"),
-    ("unix", "NAME\n       grep - print lines that match patterns"),
-    ("spanish", "El que madruga, Dios le ayuda, pero el que mucho duerme"),
-    ("english", "A friend in need is a friend indeed, said the old sailor"),
-    ("python", "class Cache:\n    def __init__(self, size):"),
+QUERIES = [  # (expected domain, prompt, sent as a chat request): code and prose are completed, requests answered
+    ("python", "def read_config(path):", False),
+    ("german", "Wer nicht wagt, der nicht gewinnt, sagte mein Großvater immer.", False),
+    ("math", "Question: A train travels at 60 km per hour for 3 hours. How far does it travel?", True),
+    ("python", "for index, item in enumerate(items):", False),
+    ("sql", "CREATE TABLE customers (id INTEGER, name TEXT, city TEXT, country TEXT, signup_year INTEGER);\n"
+            "-- Question: How many rows of customers have signup_year below 2020?", True),
+    ("c", "#include <stdio.h>\nstatic int parse_header(const char *buf, size_t len)", False),
+    ("unix", "NAME\n       grep - print lines that match patterns", False),
+    ("spanish", "El que madruga, Dios le ayuda, pero el que mucho duerme", False),
+    ("english", "A friend in need is a friend indeed, said the old sailor", False),
+    ("python", "class Cache:\n    def __init__(self, size):", False),
 ]
+
+
+def one_line(text: str) -> str:
+    return text.strip().replace("\n", "⏎")
 
 
 def plot_masks(masks: dict, num_experts: int, path: Path) -> None:
@@ -95,13 +100,13 @@ def demo_command(model: str | None = None, work: str = ".domex", budget: str = "
     masks = MaskBook(store, Budget.parse(budget), num_layers=manifest.num_layers, num_experts=manifest.num_experts)
     selector = Selector(store, make_matcher(matcher, store, engine=engine), masks, policy="nearest")
     print(f"{matcher} matcher; '?' marks a query it finds out-of-domain (served by the nearest domain)")
-    print(f"{'expected':9} {'matched':9} {'sim':>5} {'loaded':>6} {'switch':>8}  generated")
-    for expected, prompt in QUERIES:
+    print(f"{'expected':9} {'matched':9} {'sim':>5} {'loaded':>6} {'switch':>8}  prompt -> generated (⏎ = newline)")
+    for expected, prompt, chat in QUERIES:
         chosen = selector.select(prompt)
         match = chosen.match
         report = engine.ensure(chosen.mask)
-        text = engine.generate(prompt, max_new_tokens=tokens, do_sample=False, chat_template=False)[0]
-        shown = (prompt + text).replace("\n", " ")[:70]
+        text = engine.generate(prompt, max_new_tokens=tokens, do_sample=False, chat_template=chat)[0]
+        shown = f"{one_line(prompt)[:32]} -> {one_line(text)[:72]}"
         print(f"{expected:9} {match.domain + ('?' if match.ood else ''):9} {match.similarity:5.2f} {report.loaded:6d} "
               f"{report.seconds * 1e3:6.1f}ms  {shown}")
 

@@ -2,7 +2,8 @@
 
     held-out splits (patterns/eval/<domain>.jsonl.gz) -> token ids, truncated to the context
     -> one Engine at 100% slots (ensure() only restricts routing, so every mask runs on it)
-    -> per (mask, domain): next-token accuracy and mean NLL, teacher-forced, batched
+    -> per (mask, domain): next-token accuracy and mean NLL, teacher-forced, batched; where the
+       domain has checkable tasks (tasks/<domain>.jsonl), task accuracy of greedy generations (runtime/tasks.py)
     -> routing: every matcher on held-out passages, user-style queries (queries/<domain>.jsonl)
        and each kind of out-of-domain text (ood/<kind>.jsonl)
     -> results.json, report.md, PNG plots (runtime/report.py); optionally docs/RESULTS.md (+ docs/results/*.png)
@@ -40,6 +41,7 @@ from domex.store.pattern import Pattern
 from domex.store.scores import CRITERIA, PRIMARY, check_criteria
 
 from .indexer import context_length, jaccard
+from .tasks import Task, read_all, task_accuracy
 
 DEFAULT_BUDGETS = ("0.25", "0.5", "0.75")
 DEFAULT_CRITERIA = tuple(CRITERIA)
@@ -73,6 +75,7 @@ class Score:
     tokens: int
     experts_kept: int  # over all layers
     experts_used: int  # distinct experts the restricted routers selected, all inside the mask
+    task_accuracy: float | None = None  # share of the domain's checkable tasks solved; None without tasks
 
 
 @dataclass(frozen=True)
@@ -89,6 +92,8 @@ class QualityRow:
     experts_kept: int
     experts_used: int
     accuracy_std: float = 0.0  # over the random seeds
+    task_accuracy: float | None = None  # None where the domain has no checkable tasks
+    task_retention: float | None = None  # task accuracy / the full model's (None if that is 0)
 
 
 @dataclass(frozen=True)
@@ -232,8 +237,9 @@ def next_token_stats(logits: torch.Tensor, ids: torch.Tensor, lengths: torch.Ten
     return int((pred.argmax(-1) == target).sum()), nll, int(valid.sum())
 
 
-def score_mask(engine, mask: Mask, data: list[tuple[torch.Tensor, torch.Tensor]]) -> Score:
-    """Accuracy and NLL of the engine under `mask`, counting the experts its routers actually pick.
+def score_mask(engine, mask: Mask, data: list[tuple[torch.Tensor, torch.Tensor]], tasks: list[Task] | None = None) -> Score:
+    """Accuracy and NLL of the engine under `mask`, counting the experts its routers actually pick,
+    and the share of `tasks` it solves.
 
     The count is the sanity check on restricted routing: every selected expert must be one the
     mask keeps (checked), and `experts_used` shows how much of the mask the domain exercises.
@@ -263,7 +269,8 @@ def score_mask(engine, mask: Mask, data: list[tuple[torch.Tensor, torch.Tensor]]
         experts = {e for e in range(len(slot_of)) if slot_of[e] >= 0 and slot_counts[slot_of[e]] > 0}
         assert experts <= set(kept), f"layer {l}: routed to experts {sorted(experts - set(kept))} outside the mask"
         used += len(experts)
-    return Score(correct / n, nll / n, n, sum(mask.kept_counts()), used)
+    solved = task_accuracy(engine, mask, tasks) if tasks else None
+    return Score(correct / n, nll / n, n, sum(mask.kept_counts()), used, solved)
 
 
 def random_mask(num_layers: int, num_experts: int, per_layer: int, seed: int) -> Mask:
@@ -303,7 +310,8 @@ def plan(patterns: dict[str, Pattern], budgets: list[Budget], criteria: tuple[st
     return runs
 
 
-def evaluate_quality(engine, runs: list[Run], data: dict[str, list], progress: bool = True) -> list[QualityRow]:
+def evaluate_quality(engine, runs: list[Run], data: dict[str, list], tasks: dict[str, list[Task]] | None = None,
+                     progress: bool = True) -> list[QualityRow]:
     """Score every run on its domains; random seeds are averaged into one row per budget and domain.
 
     Criteria often agree at a budget (the same mask): a (mask, domain) pair is scored once.
@@ -315,24 +323,33 @@ def evaluate_quality(engine, runs: list[Run], data: dict[str, list], progress: b
         for domain in run.domains:
             bar.set_postfix_str(f"{run.kind} {run.criterion or ''} {run.budget:.2f} {domain}")
             if (run.mask, domain) not in done:
-                done[run.mask, domain] = score_mask(engine, run.mask, data[domain])
+                done[run.mask, domain] = score_mask(engine, run.mask, data[domain], (tasks or {}).get(domain))
             scored.append((run, domain, done[run.mask, domain]))
             bar.update()
     bar.close()
-    full = {d: s.accuracy for r, d, s in scored if r.kind == "full"}
+    full = {d: s for r, d, s in scored if r.kind == "full"}
+
+    def task_fields(domain: str, solved: list[float | None]) -> dict:
+        if solved[0] is None:
+            return {}
+        mean, reference = float(np.mean(solved)), full[domain].task_accuracy
+        return {"task_accuracy": mean, "task_retention": mean / reference if reference else None}
+
     rows, groups = [], {}
     for run, domain, s in scored:
         if run.kind == "random":
             groups.setdefault((run.budget, domain), []).append((run, s))
             continue
         rows.append(QualityRow(domain, run.kind, run.criterion, run.budget, max(run.mask.kept_counts()), s.accuracy, s.nll,
-                               s.accuracy / full[domain], s.tokens, s.experts_kept, s.experts_used))
+                               s.accuracy / full[domain].accuracy, s.tokens, s.experts_kept, s.experts_used,
+                               **task_fields(domain, [s.task_accuracy])))
     for (budget, domain), group in groups.items():
         acc = np.array([s.accuracy for _, s in group])
         rows.append(QualityRow(domain, "random", None, budget, max(group[0][0].mask.kept_counts()), float(acc.mean()),
-                               float(np.mean([s.nll for _, s in group])), float(acc.mean() / full[domain]),
+                               float(np.mean([s.nll for _, s in group])), float(acc.mean() / full[domain].accuracy),
                                group[0][1].tokens, group[0][1].experts_kept,
-                               round(float(np.mean([s.experts_used for _, s in group]))), float(acc.std())))
+                               round(float(np.mean([s.experts_used for _, s in group]))), float(acc.std()),
+                               **task_fields(domain, [s.task_accuracy for _, s in group])))
     return rows
 
 
@@ -427,7 +444,7 @@ def machine() -> dict:
 
 def evaluate(pool, store, *, budgets=DEFAULT_BUDGETS, criteria=DEFAULT_CRITERIA, eval_dir="patterns/eval",
              max_passages: int | None = None, routing_passages: int | None = None, max_len: int | None = None,
-             batch_size: int = 16,
+             batch_size: int = 16, max_tasks: int | None = None, dtype: str = "auto",
              domains: list[str] | None = None, command: str = "", about: str = "", progress: bool = True) -> Results:
     """Run the quality and routing evaluations of the module docstring; returns the typed results."""
     from .engine import Engine
@@ -443,7 +460,7 @@ def evaluate(pool, store, *, budgets=DEFAULT_BUDGETS, criteria=DEFAULT_CRITERIA,
     if missing:
         raise ConfigError(f"the store's patterns lack scores for {', '.join(missing)}; re-register the domains with "
                           f"--criteria including them, or leave them out of --criteria")
-    engine = Engine.open(pool, budget="100%", fingerprint=store.fingerprint())
+    engine = Engine.open(pool, budget="100%", fingerprint=store.fingerprint(), dtype=dtype)
     try:
         tok = engine.tokenizer
         context = context_length(engine.model.config, max_len)
@@ -453,11 +470,12 @@ def evaluate(pool, store, *, budgets=DEFAULT_BUDGETS, criteria=DEFAULT_CRITERIA,
         queries = {d: read_split(eval_dir / "queries" / f"{d}.jsonl", None) for d in names
                    if (eval_dir / "queries" / f"{d}.jsonl").is_file()}
         ood = read_ood(eval_dir)
+        tasks = read_all(eval_dir, names, max_tasks)
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
         data = {d: batches(s, batch_size, pad) for d, s in splits.items()}
         runs = plan(patterns, budgets, criteria)
         t1 = time.perf_counter()
-        quality = evaluate_quality(engine, runs, data, progress)
+        quality = evaluate_quality(engine, runs, data, tasks, progress)
         t2 = time.perf_counter()
         engine.ensure(Mask.full(*next(iter(patterns.values())).shape))
         snapshot = store.snapshot()
@@ -477,7 +495,7 @@ def evaluate(pool, store, *, budgets=DEFAULT_BUDGETS, criteria=DEFAULT_CRITERIA,
                "jaccard": [[round(jaccard(a, b), 4) for b in masks] for a in masks]}
     target_budget = min({r.budget for r in quality if r.kind != "full"}, key=lambda b: abs(b - TARGET_BUDGET))
     setup = {"about": about, "pool": str(engine.pool.dir), "store": str(store.path), "fingerprint": store.fingerprint(),
-             "model_type": engine.pool.manifest.model_type, "moe_layers": engine.pool.manifest.num_layers,
+             "model_type": engine.pool.manifest.model_type, "dtype": str(engine.model.dtype).removeprefix("torch."), "moe_layers": engine.pool.manifest.num_layers,
              "experts": engine.pool.manifest.num_experts, "top_k": int(next(iter(patterns.values())).settings["top_k"]),
              "domains": list(names), "criteria": list(criteria), "budgets": [b.text for b in budgets],
              "random_seeds": list(RANDOM_SEEDS), "eval_dir": str(eval_dir), "max_passages": max_passages,
@@ -485,7 +503,7 @@ def evaluate(pool, store, *, budgets=DEFAULT_BUDGETS, criteria=DEFAULT_CRITERIA,
              "context": context, "batch_size": batch_size, "target_budget": target_budget,
              "passages": {d: len(s.ids) for d, s in splits.items()}, "tokens": {d: s.tokens for d, s in splits.items()},
              "routing_passages": {d: len(q) for d, q in passages.items()}, "queries": {d: len(q) for d, q in queries.items()},
-             "ood": {kind: len(t) for kind, t in ood.items()},
+             "ood": {kind: len(t) for kind, t in ood.items()}, "tasks": {d: len(t) for d, t in tasks.items()},
              "runs": sum(len(r.domains) for r in runs)}
     return Results(command, machine(), setup, quality, routing, detection, overlap,
                    check_targets(quality, routing, detection, target_budget),

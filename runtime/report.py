@@ -128,6 +128,39 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
            ["| " + " | ".join(r) + " |" for r in rows]
 
 
+def _rows(res: Results, domain: str, kind: str, criterion: str | None, budget: float) -> list:
+    """The quality rows of one mask kind at a budget (the full model at any), on one domain or all ("mean")."""
+    return [r for r in res.quality if r.kind == kind and r.criterion == criterion
+            and (kind == "full" or abs(r.budget - budget) < 1e-9) and (domain == "mean" or r.domain == domain)]
+
+
+def _mean(values: list) -> float | None:
+    values = [v for v in values if v is not None]
+    return float(np.mean(values)) if values else None
+
+
+def _at_budget(res: Results, domains: list[str], cols: list, budget: float, metric: str, retention: str) -> list[list[str]]:
+    """One row per domain and their mean: the metric under each mask, its retention in brackets."""
+    table = []
+    for d in domains + ["mean"]:
+        cells = [d]
+        for _, kind, crit in cols:
+            rs = [r for r in _rows(res, d, kind, crit, budget) if d != "mean" or r.domain in domains]
+            value, kept = _mean([getattr(r, metric) for r in rs]), _mean([getattr(r, retention) for r in rs])
+            cells.append("" if value is None else f"{value:.3f}" if kind == "full" or kept is None else f"{value:.3f} ({kept:.0%})")
+        table.append(cells)
+    return table
+
+
+def _by_budget(res: Results, cols: list, budgets: list[float], retention: str) -> list[list[str]]:
+    """One row per mask kind: its mean retention over domains at each budget."""
+    table = []
+    for label, kind, crit in cols:
+        kept = [_mean([getattr(r, retention) for r in _rows(res, "mean", kind, crit, x)]) for x in budgets]
+        table.append([label] + ["n/a" if k is None else f"{k:.1%}" for k in kept])
+    return table
+
+
 def report(res: Results, images: str = "") -> str:
     """The markdown report; `images` prefixes the PNG file names (a folder relative to the report)."""
     s, m = res.setup, res.machine
@@ -138,7 +171,8 @@ def report(res: Results, images: str = "") -> str:
              f"layers x {s['experts']} routed experts, top-{s['top_k']}. Store `{s['store']}`: {len(domains)} domains.", "",
              "Regenerate with:", "", "```bash", res.command, "```", "",
              f"Machine: {m['arch']} {m['system']}, {m['cores']} cores ({m['torch_threads']} torch threads), {m['ram_gib']} GiB RAM, "
-             f"Python {m['python']}, torch {m['torch']}, transformers {m['transformers']}. "
+             f"Python {m['python']}, torch {m['torch']}, transformers {m['transformers']}; the model computes in "
+             f"{s.get('dtype', 'its checkpoint dtype')}. "
              f"Wall time {res.seconds.get('total', 0):.0f} s (quality {res.seconds.get('quality', 0):.0f} s, "
              f"routing {res.seconds.get('routing', 0):.0f} s).", "",
              f"Held-out data: `{s['eval_dir']}`. Pruning quality: {_first(s['max_passages'])} passages per "
@@ -154,36 +188,31 @@ def report(res: Results, images: str = "") -> str:
               "Next-token accuracy on each domain's held-out split (retention = accuracy / full model's).", ""]
     cols = [("full", "full", None)] + [(c, "domain", c) for c in s["criteria"]] + \
            [("random masks", "random", None), (f"{PRIMARY} agnostic", "agnostic", PRIMARY)]
-    table = []
-    for d in domains + ["mean"]:
-        cells = [d]
-        for _, kind, crit in cols:
-            rs = [r for r in res.quality if r.kind == kind and r.criterion == crit and (kind == "full" or abs(r.budget - b) < 1e-9)
-                  and (d == "mean" or r.domain == d)]
-            acc, ret = np.mean([r.accuracy for r in rs]), np.mean([r.retention for r in rs])
-            cells.append(f"{acc:.3f}" if kind == "full" else f"{acc:.3f} ({ret:.0%})")
-        table.append(cells)
-    lines += _table(["domain"] + [c for c, _, _ in cols], table)
+    budgets = sorted({r.budget for r in res.quality if r.kind != "full"})
+    lines += _table(["domain"] + [c for c, _, _ in cols], _at_budget(res, domains, cols, b, "accuracy", "retention"))
     lines += ["", "Mean NLL (nats per token) at the same budget:", ""]
     table = []
     for d in domains:
         row = [d]
         for _, kind, crit in cols:
-            rs = [r for r in res.quality if r.kind == kind and r.criterion == crit and r.domain == d
-                  and (kind == "full" or abs(r.budget - b) < 1e-9)]
+            rs = _rows(res, d, kind, crit, b)
             row.append(f"{rs[0].nll:.3f}" if rs else "")
         table.append(row)
     lines += _table(["domain"] + [c for c, _, _ in cols], table)
     lines += ["", "Mean retention over domains, by budget:", ""]
-    budgets = sorted({r.budget for r in res.quality if r.kind != "full"})
-    table = []
-    for label, kind, crit in cols[1:]:
-        row = [label]
-        for x in budgets:
-            rs = [r.retention for r in res.quality if r.kind == kind and r.criterion == crit and abs(r.budget - x) < 1e-9]
-            row.append(f"{np.mean(rs):.1%}")
-        table.append(row)
-    lines += _table(["mask"] + [f"{x:.0%}" for x in budgets], table)
+    lines += _table(["mask"] + [f"{x:.0%}" for x in budgets], _by_budget(res, cols[1:], budgets, "retention"))
+    tasked = [d for d in domains if any(r.domain == d and r.task_accuracy is not None for r in res.quality)]
+    if tasked:
+        lines += ["", f"## Task accuracy at {b:.0%} of the experts", "",
+                  "Share of checkable tasks (`tasks/<domain>.jsonl`: "
+                  + ", ".join(f"{d} {s['tasks'][d]}" for d in tasked) + ") that a greedy generation under the mask "
+                  "solves: math by the exact final answer, sql by running the generated query on the tables in SQLite "
+                  "and comparing its rows with the reference query's (runtime/tasks.py). Retention = task accuracy / "
+                  "the full model's.", ""]
+        lines += _table(["domain"] + [c for c, _, _ in cols],
+                        _at_budget(res, tasked, cols, b, "task_accuracy", "task_retention"))
+        lines += ["", "Mean task retention over those domains, by budget:", ""]
+        lines += _table(["mask"] + [f"{x:.0%}" for x in budgets], _by_budget(res, cols[1:], budgets, "task_retention"))
     lines += ["", f"![accuracy vs budget]({images}accuracy_vs_budget.png)", "",
               "## Routing", "",
               "Every matcher on held-out text, never the demos: passages cut from the held-out splits, and short "
@@ -249,7 +278,7 @@ def command_line(**options) -> str:
     """The `domex eval` command that reproduces a run, from its options."""
     parts = ["domex", "eval"]
     for name in ("pool", "store", "budgets", "criteria", "eval_dir", "batch_size", "max_passages", "routing_passages",
-                 "max_len", "domain", "threads", "about", "publish", "out"):
+                 "max_tasks", "max_len", "domain", "threads", "dtype", "about", "publish", "out"):
         for value in options[name] if name == "domain" and options[name] else [options[name]]:
             if value not in (None, ""):
                 parts += [f"--{name.replace('_', '-')}", str(value)]
@@ -258,17 +287,20 @@ def command_line(**options) -> str:
 
 def eval_command(pool: str, store: str, out: str, budgets: str = "0.25,0.5,0.75", criteria: str = ",".join(CRITERIA),
                  eval_dir: str = "patterns/eval", max_passages: int | None = None, routing_passages: int | None = None,
-                 max_len: int | None = None, batch_size: int = 16, domain: list[str] | None = None,
-                 publish: str | None = None, about: str | None = None, threads: int | None = None,
+                 max_len: int | None = None, batch_size: int = 16, max_tasks: int | None = None,
+                 domain: list[str] | None = None,
+                 publish: str | None = None, about: str | None = None, threads: int | None = None, dtype: str = "auto",
                  quiet: bool = False) -> int:
     """`domex eval`: evaluate, write the outputs, print the targets."""
     if threads is not None:
         torch.set_num_threads(threads)
     command = command_line(pool=pool, store=store, budgets=budgets, criteria=criteria, eval_dir=eval_dir,
                            batch_size=batch_size, max_passages=max_passages, routing_passages=routing_passages,
-                           max_len=max_len, domain=domain, threads=threads, about=about, publish=publish, out=out)
+                           max_tasks=max_tasks, max_len=max_len, domain=domain, threads=threads, dtype=dtype, about=about,
+                           publish=publish, out=out)
     res = evaluate(pool, store, budgets=budgets, criteria=criteria, eval_dir=eval_dir, max_passages=max_passages,
-                   routing_passages=routing_passages, max_len=max_len, batch_size=batch_size, domains=domain,
+                   routing_passages=routing_passages, max_len=max_len, batch_size=batch_size, max_tasks=max_tasks,
+                   domains=domain, dtype=dtype,
                    command=command, about=about or "", progress=not quiet)
     write(res, Path(out), Path(publish) if publish else None)
     for t in res.targets:

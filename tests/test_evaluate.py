@@ -26,6 +26,7 @@ HELD_OUT = {  # not the demos
 }
 QUERIES = {"cooking": ["how long do I boil an egg", "what goes in a pancake batter?"],
            "python": ["how do I reverse a list in python", "why does my for loop print None"]}
+TASKS = [{"prompt": "What is 2 + 2?", "answer": "4"}, {"prompt": "What is 3 * 3?", "answer": "9"}]  # python only
 OOD = {"prose": [UNRELATED, "The tides rise twice a day near the coast."],
        "protein": ["MKTAYIAKQRQISFVKSHFSRQLEERLGLIEVQAPILSRVGDGTQDNLSGAEK"]}
 
@@ -58,6 +59,8 @@ def make_run(root):
         (root / "eval" / folder).mkdir()
         for name, texts in files.items():
             write_split(root / "eval" / folder / f"{name}.jsonl", texts)
+    (root / "eval" / "tasks").mkdir()
+    (root / "eval" / "tasks" / "python.jsonl").write_text("".join(json.dumps(t) + "\n" for t in TASKS))
     out, docs = root / "out", root / "docs"
     rc = main(["eval", "--pool", str(root / "pool"), "--store", str(root / "store"), "--budgets", ",".join(BUDGETS),
                "--criteria", ",".join(CRITERIA), "--eval-dir", str(root / "eval"), "--batch-size", "2", "--quiet",
@@ -94,12 +97,33 @@ def test_every_criterion_budget_and_domain_is_reported(run):
         assert d["caught"] == pytest.approx(sum(d["per_kind"].values()) / len(OOD))
     assert res["overlap"]["labels"] == sorted(HELD_OUT) and res["overlap"]["jaccard"][0][0] == 1.0
     assert any(t["name"].startswith("easyep retention") for t in res["targets"])
+    assert res["setup"]["tasks"] == {"python": len(TASKS)}
+    for r in rows:  # task accuracy where the domain has tasks, none elsewhere
+        assert (r["task_accuracy"] is None) == (r["domain"] != "python")
+
+
+def test_task_accuracy_equals_checking_stock_transformers_generations(run):
+    """The full model's task row recomputed: stock generate on the chat prompts, checked by runtime/tasks."""
+    from domex.runtime.tasks import Task, solved
+
+    model_dir, _, _, res = run
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    right = 0
+    for t in TASKS:
+        ids = tok.apply_chat_template([{"role": "user", "content": t["prompt"]}], add_generation_prompt=True,
+                                      return_tensors="pt", return_dict=True)["input_ids"]
+        out = model.generate(ids, max_new_tokens=96, do_sample=False, pad_token_id=tok.pad_token_id)
+        right += solved(Task(t["prompt"], answer=t["answer"]), tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True), {})
+    full = next(r for r in res["quality"] if r["domain"] == "python" and r["kind"] == "full")
+    assert full["task_accuracy"] == right / len(TASKS)
+    assert full["task_retention"] == (1.0 if right else None)
 
 
 def test_report_and_plots_are_written(run):
     _, out, docs, res = run
     text = (out / "report.md").read_text()
-    for heading in ("## Targets", "## Pruning quality", "## Routing", "## Mask overlap", "## Method"):
+    for heading in ("## Targets", "## Pruning quality", "## Task accuracy", "## Routing", "## Mask overlap", "## Method"):
         assert heading in text
     assert res["command"].startswith("domex eval --pool") and res["command"] in text
     for name in ("accuracy_vs_budget.png", "confusion.png", "ood_by_kind.png", "mask_overlap.png"):

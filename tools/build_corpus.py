@@ -7,9 +7,13 @@ domains: by generator seed stream), and 12 demos taken from training sources (so
 eval). Everything is deterministic given --seed.
 
 Writes the raw corpus to --out (scratch, not the repo) and, with --ship, the shipped artefacts:
-patterns/<domain>.jsonl (demos) and patterns/eval/<domain>.jsonl.gz (+ ood.jsonl.gz).
+patterns/<domain>.jsonl (demos) and patterns/eval/<domain>.jsonl.gz (+ ood.jsonl.gz). With --tasks,
+only the checkable tasks of `domex eval` (patterns/eval/tasks/): math problems with their exact answers
+and SQL questions with their reference queries, drawn from the eval seed stream, plus the seeded rows
+of the 8 tables the SQL queries run on.
 
     python tools/build_corpus.py --out /work/scratch/corpus --ship .
+    python tools/build_corpus.py --tasks .
 """
 from __future__ import annotations
 
@@ -329,6 +333,47 @@ def sql_item(r: random.Random) -> tuple[str, str]:
     return f"{schema}\n-- Question: {q}", sql
 
 
+def table_rows(table: str, r: random.Random, n: int) -> list[tuple]:
+    """`n` seeded rows of a generated table: ids 1..n, numbers 1-999, text columns from their value lists."""
+    def value(col: str, i: int):
+        if col == "id":
+            return i
+        if col in NUMERIC:
+            return r.randint(1, 999)
+        if col in TEXT_VALUES:
+            return r.choice(TEXT_VALUES[col])
+        return f"{r.choice(NAMES)} {r.choice(ITEMS)}" if col == "title" else r.choice(NAMES)
+    return [tuple(value(c, i) for c in TABLES[table]) for i in range(1, n + 1)]
+
+
+def sql_script(seed: int, rows: int = 60) -> str:
+    """CREATE TABLE and INSERT statements for every generated table: the database the SQL tasks run on."""
+    r = random.Random(seed * 1000 + 9)
+    out = []
+    for t, cols in TABLES.items():
+        decl = ", ".join(f"{c} {'INTEGER' if c in NUMERIC or c == 'id' else 'TEXT'}" for c in cols)
+        out.append(f"CREATE TABLE {t} ({decl});")
+        for row in table_rows(t, r, rows):
+            values = ", ".join(str(v) if isinstance(v, int) else "'" + v + "'" for v in row)
+            out.append(f"INSERT INTO {t} VALUES ({values});")
+    return "\n".join(out) + "\n"
+
+
+def write_tasks(root: Path, seed: int, n: int = 60) -> None:
+    """patterns/eval/tasks: the first `n` items of the math and sql eval streams, as checkable tasks.
+
+    The prompts are the demos' prompt form (what users of a chat endpoint send); the eval stream is
+    held out from training like the eval passages."""
+    tasks = root / "patterns" / "eval" / "tasks"
+    r = random.Random(seed * 1000 + 2)
+    write_jsonl(tasks / "math.jsonl", [{"prompt": f"Question: {q}", "answer": str(a)}
+                                       for q, _, a in (math_problem(r) for _ in range(n))])
+    r = random.Random((seed + 7) * 1000 + 2)
+    write_jsonl(tasks / "sql.jsonl", [{"prompt": p, "query": q, "database": "sql.sql"}
+                                      for p, q in (sql_item(r) for _ in range(n))])
+    (tasks / "sql.sql").write_text(sql_script(seed + 7), encoding="utf-8")
+
+
 def fmt_sql(p: str, s: str) -> str:
     return f"{p}\n{s}"
 
@@ -406,9 +451,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("/work/scratch/corpus"))
     ap.add_argument("--ship", type=Path, default=None, help="repo root: write patterns/ there")
+    ap.add_argument("--tasks", type=Path, default=None, help="repo root: write only patterns/eval/tasks/ there")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--domains", nargs="*", default=DOMAINS)
     args = ap.parse_args()
+    if args.tasks:
+        write_tasks(args.tasks, args.seed)
+        return
     try:
         stats = {}
         for name in tqdm(args.domains, desc="domains"):

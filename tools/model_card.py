@@ -7,7 +7,8 @@ router: softmax, top-k), the mean pairwise Jaccard overlap of each layer's top-5
 domains, a heatmap PNG of expert usage, greedy samples, file sizes and sha256 checksums. Writes
 models/tiny-moe/README.md, expert_usage.png, routing_stats.json, train_log.jsonl and checksums.sha256.
 
-    python tools/model_card.py --model models/tiny-moe --patterns patterns --work /work/scratch/train
+    python tools/model_card.py --model models/tiny-moe --patterns patterns --work /work/scratch/train \
+        --previous old_routing_stats.json      # optional: the model it replaces, for the comparison table
 """
 from __future__ import annotations
 
@@ -140,6 +141,37 @@ def sha256(path: Path) -> str:
 
 
 @torch.no_grad()
+def demo_completions(model, tok, domains=("python", "math", "sql")) -> list[tuple[str, str, str]]:
+    """(domain, prompt, completion) of the first fixed query of `domex demo` in each of `domains`, generated
+    the way the demo does (greedy, its default token count, chat template for requests) with every expert."""
+    import inspect
+
+    from domex.runtime.demo import QUERIES, demo_command
+
+    tokens = inspect.signature(demo_command).parameters["tokens"].default
+    picked = [next(q for q in QUERIES if q[0] == d) for d in domains]
+    out = []
+    for d, p, chat in picked:
+        text = tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True) if chat else p
+        ids = tok(text, return_tensors="pt", add_special_tokens=False).input_ids
+        g = model.generate(ids, max_new_tokens=tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+        out.append((d, text, tok.decode(g[0, ids.shape[1]:], skip_special_tokens=False)))
+    return out
+
+
+def comparison(previous: dict, evals: dict, jac: list[float], prose: list[str]) -> str:
+    """The held-out figures of the model this one replaces next to its own (DESIGN: ship only if better)."""
+    rows = [[d, f"{previous['held_out'][d]['ppl']:.2f}", f"{evals[d].ppl:.2f}",
+             f"{100 * previous['held_out'][d]['acc']:.1f}%", f"{100 * evals[d].acc:.1f}%"] for d in DOMAINS]
+    before = float(np.mean([previous["held_out"][d]["ppl"] for d in prose]))
+    after = float(np.mean([evals[d].ppl for d in prose]))
+    return ("## Compared with the model it replaced\n\nSame held-out splits, same measurement. Mean prose perplexity ("
+            + ", ".join(prose) + f"): {before:.1f} -> {after:.1f} ({after / before:.2f}x). Mean top-50% Jaccard: "
+            f"{previous['jaccard_top50_mean']:.3f} -> {float(np.mean(jac)):.3f}.\n\n"
+            + fmt_table(rows, ["domain", "perplexity before", "perplexity now", "accuracy before", "accuracy now"]))
+
+
+@torch.no_grad()
 def samples(model, tok) -> dict[str, str]:
     out = {}
     for d, p in PROMPTS.items():
@@ -189,6 +221,7 @@ def main() -> None:
     ap.add_argument("--patterns", type=Path, default=Path("patterns"))
     ap.add_argument("--work", type=Path, default=Path("/work/scratch/train"))
     ap.add_argument("--passages", type=int, default=None, help="score only the first N per domain (dry runs)")
+    ap.add_argument("--previous", type=Path, default=None, help="routing_stats.json of the model this one replaces")
     args = ap.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -203,20 +236,26 @@ def main() -> None:
     jac = jaccard_per_layer(dom_freq)
     plot_usage(dom_freq, args.model / "expert_usage.png")
     gen = samples(model, tok)
+    demo = demo_completions(model, tok)
+    previous = json.loads(args.previous.read_text()) if args.previous else None
     head, recs, train_tokens = training_summary(args.work)
     shutil.copyfile(args.work / "log.jsonl", args.model / "train_log.jsonl")
     stats = {"jaccard_top50_per_layer": jac, "jaccard_top50_mean": float(np.mean(jac)),
              "held_out": {d: vars(e) for d, e in evals.items()},
-             "expert_counts": {d: c.tolist() for d, c in freq.items()}}
+             "expert_counts": {d: c.tolist() for d, c in freq.items()}, "train_tokens": train_tokens,
+             "tokens_per_s": recs[-1]["tokens"] / recs[-1]["elapsed_s"]}
     (args.model / "routing_stats.json").write_text(json.dumps(stats, indent=1))
 
     shipped = sorted(p for p in args.model.iterdir() if p.is_file() and p.name not in ("README.md", "checksums.sha256"))
     shipped += sorted(args.patterns.glob("*.jsonl")) + sorted((args.patterns / "eval").glob("*.jsonl.gz"))
+    shipped += sorted((args.patterns / "eval" / "tasks").glob("*"))
     root = args.model.resolve().parent.parent
     sums = [(str(p.resolve().relative_to(root)), sha256(p), p.stat().st_size) for p in shipped]
     (args.model / "checksums.sha256").write_text("".join(f"{h}  {n}\n" for n, h, _ in sums))
 
     last = recs[-1]
+    demos = {d: len((args.patterns / f"{d}.jsonl").read_text(encoding="utf-8").splitlines()) for d in DOMAINS}
+    prose = ["english", "german", "spanish", "unix"]
     params = sum(p.numel() for p in model.parameters())
     expert_params = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
     eval_rows = [[d, evals[d].passages, evals[d].tokens, f"{evals[d].ppl:.2f}", f"{100 * evals[d].acc:.1f}%"]
@@ -254,12 +293,15 @@ Held-out eval passages come from source files never used for training (generated
 seed stream); demos come from training sources, so they are disjoint from eval.
 
 {fmt_table([[d, SOURCES[d][0], SOURCES[d][1]] for d in DOMAINS + ["ood"]], ["domain", "source", "licence"])}
-Tokens per domain (training stream after tokenisation; math/sql items are chat-wrapped half of the time):
+Tokens per domain (training stream after tokenisation; math/sql items are chat-wrapped half of the time; about a
+quarter of the other domains' passages appear a second time as the answer to a user-style request in the
+chat template, e.g. "Write a Python function parse_header." followed by the function):
 
 {fmt_table([[d, f"{train_tokens[d]:,}", f"{evals[d].passages}", f"{evals[d].tokens / evals[d].passages:.0f}"] for d in DOMAINS], ["domain", "training tokens", "eval passages", "mean eval passage tokens"])}
-Shipped with the model: demos `patterns/<domain>.jsonl` (12 per domain; `{{"prompt","response"}}` for math
-and sql, `{{"text"}}` otherwise) and eval splits `patterns/eval/<domain>.jsonl.gz` (`{{"text"}}` lines;
-`ood.jsonl.gz` = {evals['ood'].passages} FASTA passages).
+Shipped with the model: demos `patterns/<domain>.jsonl` ({"-".join(map(str, sorted({min(demos.values()), max(demos.values())})))} per domain, passages and
+`{{"prompt","response"}}` requests), eval splits `patterns/eval/<domain>.jsonl.gz` (`{{"text"}}` lines;
+`ood.jsonl.gz` = {evals['ood'].passages} FASTA passages) and checkable tasks `patterns/eval/tasks/` (math answers, SQL
+reference queries and the tables they run on; from the eval seed stream).
 
 ## Tokenizer
 
@@ -269,20 +311,17 @@ Chat template (`chat_template.jinja`): `<|role|>\\ncontent<|end|>\\n` per messag
 
 ## Training
 
-CPU, `torch.set_num_threads(1)`, fp32 master weights, default `grouped_mm` experts implementation,
+CPU, `torch.set_num_threads({head['config'].get('threads', 1)})`, fp32 master weights, default `grouped_mm` experts implementation,
 AdamW (betas 0.9/0.95, weight decay {head['config']['weight_decay']} on matrices), peak LR {head['config']['lr']},
 {head['config']['warmup']} warmup steps then cosine to {head['config']['min_lr_frac']}x, gradient clip
 {head['config']['grad_clip']}, sequence length {head['config']['seq_len']}, each batch =
 {head['config']['seqs_per_domain']} random window(s) per domain ({head['config']['seqs_per_domain'] * len(DOMAINS)} x {head['config']['seq_len']} tokens): domains balanced.
-Steps: {last['step']}; tokens seen: {last['tokens']:,}; training wall time: {last['elapsed_s'] / 60:.1f} min
-(2-core machine shared with other jobs). Final train loss {last['train_loss']:.3f}, aux loss {last['aux_loss']:.3f}.
+Steps: {last['step']}; tokens seen: {last['tokens']:,}; training wall time: {last['elapsed_s'] / 60:.1f} min, i.e.
+{last['tokens'] / last['elapsed_s']:,.0f} tokens/s (2-core machine shared with other jobs). Final train loss {last['train_loss']:.3f}, aux loss {last['aux_loss']:.3f}.
 Full curve: `train_log.jsonl` (one JSON line per {head['config']['log_every']} steps).
 {run_history(head)}
 
-Held-out loss during training (first 32 eval passages per domain; {" / ".join(DOMAINS)}). The eval
-splits are loaded when a run (re)starts; c and unix points up to step 500 were scored on the earlier
-eval split, before it was cleaned of passages that also occur in training (identical headers and man
-pages installed under two paths), so they read low:
+Held-out loss during training (first {head['config']['eval_passages']} eval passages per domain; {" / ".join(DOMAINS)}):
 
 {fmt_table(curve, ["step", "tokens", "train loss", "aux loss", "held-out loss per domain"])}
 ## Held-out quality (all eval passages, first {MAX_LEN} tokens each, bf16 weights run in fp32)
@@ -290,6 +329,7 @@ pages installed under two paths), so they read low:
 {fmt_table(eval_rows, ["domain", "passages", "scored tokens", "perplexity", "next-token accuracy"])}
 `ood` is not trained on; its perplexity is shown for contrast.
 
+{comparison(previous, evals, jac, prose) if previous else ""}
 ## Expert specialisation
 
 Routing is measured with the model's own router (softmax over {cfg.num_experts} experts, top-{cfg.num_experts_per_tok})
@@ -306,7 +346,13 @@ Raw counts per domain, layer and expert: `routing_stats.json`.
 
 ## Samples (greedy, 48 new tokens, repetition penalty 1.3 except math and sql)
 
-""" + "".join(f"**{d}** — prompt `{json.dumps(PROMPTS[d])}`\n\n```\n{PROMPTS[d]}{gen[d]}\n```\n\n" for d in DOMAINS) + f"""
+""" + "".join(f"**{d}** — prompt `{json.dumps(PROMPTS[d])}`\n\n```\n{PROMPTS[d]}{gen[d]}\n```\n\n" for d in DOMAINS) + """
+## What `domex demo` shows
+
+Three of the demo's fixed queries, completed as the demo does (greedy, no repetition penalty; requests in the
+chat template), here with every expert (the demo serves them under each domain's 50% mask):
+
+""" + "".join(f"**{d}**\n\n```\n{p}{c}\n```\n\n" for d, p, c in demo) + f"""
 ## Rebuild
 
 ```bash
