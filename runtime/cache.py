@@ -1,5 +1,8 @@
 """Expert cache: the resident set, as S slot buffers per MoE layer filled from the expert pool.
 
+Quantised tiers (a Plan, store/plan.py) get slots of their own: each holds one expert's int8 or
+int4 record as stored in the pool, dequantised only when a forward uses it (runtime/engine.py).
+
 Legend: L MoE layers, E routed experts, S slots per layer, H hidden, I expert intermediate size.
 """
 
@@ -13,6 +16,7 @@ import torch
 from domex.store.budget import Budget
 from domex.errors import CacheTooSmall
 from domex.store.mask import Mask
+from domex.store.plan import Plan
 
 from . import device as dev
 from .checkpoint import dtype_of
@@ -53,13 +57,17 @@ class ExpertCache:
     """
 
     def __init__(self, pool: Pool, slots: int, device: str | torch.device = "cpu", *, budget: Budget | None = None,
-                 dtype: torch.dtype | None = None, staging_bytes: int = 64 << 20):
+                 dtype: torch.dtype | None = None, staging_bytes: int = 64 << 20, tier_slots: dict[str, int] | None = None,
+                 scratch: int = 0):
         m = pool.manifest
         if slots < m.top_k or slots > m.num_experts:
             raise CacheTooSmall(f"the expert cache needs between top_k={m.top_k} and E={m.num_experts} slots per layer, "
                                 f"got {slots}; change the budget (--budget)")
         self.pool, self.num_slots, self.device, self.budget = pool, slots, dev.resolve(device), budget
-        self.slots = [pool.expert_buffers(slots, self.device, dtype) for _ in range(m.num_layers)]  # [L] {param: [S, ...]}
+        # [L] {param: [S + scratch, ...]}: `scratch` extra rows take dequantised experts of the quantised tiers
+        self.slots = [pool.expert_buffers(slots + scratch, self.device, dtype) for _ in range(m.num_layers)]
+        self.scratch = scratch
+        self.tiers = {t: TierSlots(pool, t, n) for t, n in (tier_slots or {}).items()}
         self.slot_of = [torch.full((m.num_experts,), -1, dtype=torch.long, device=self.device)
                         for _ in range(m.num_layers)]  # [L] [E]
         self._slot_of = [[-1] * m.num_experts for _ in range(m.num_layers)]  # host mirror
@@ -77,19 +85,29 @@ class ExpertCache:
 
     @classmethod
     def from_budget(cls, pool: Pool, budget: Budget | str | None, device: str | torch.device = "cpu",
-                    dtype: torch.dtype | None = None) -> "ExpertCache":
-        """Slots per layer from a budget (fraction of E, experts per layer, or bytes over all layers); None = all E."""
+                    dtype: torch.dtype | None = None, tier_slots: dict[str, int] | None = None) -> "ExpertCache":
+        """Slots per layer from a budget (fraction of E, experts per layer, or bytes over all layers); None = all E.
+
+        `tier_slots`: slots per layer for quantised tiers; they come with 2 x top_k scratch rows to dequantise into."""
         m = pool.manifest
+        scratch = 2 * m.top_k if tier_slots else 0
         if budget is None:
-            return cls(pool, m.num_experts, device, dtype=dtype)
+            return cls(pool, m.num_experts, device, dtype=dtype, tier_slots=tier_slots, scratch=scratch)
         budget = budget if isinstance(budget, Budget) else Budget.parse(budget)
         slots = budget.experts_per_layer(m.num_layers, m.num_experts, m.expert_bytes, m.top_k)
-        return cls(pool, slots, device, budget=budget, dtype=dtype)
+        return cls(pool, slots, device, budget=budget, dtype=dtype, tier_slots=tier_slots, scratch=scratch)
 
-    def check_fits(self, mask: Mask) -> None:
-        """Raise CacheTooSmall (naming the layer and the budget to ask for) when the mask cannot be resident at all."""
+    def check_fits(self, wanted: Mask | Plan) -> None:
+        """Raise CacheTooSmall (naming the layer and the budget to ask for) when the mask, or the plan's experts at
+        the base tier, cannot be resident at all."""
         m = self.pool.manifest
-        mask.check(m.num_layers, m.num_experts, m.top_k)
+        if isinstance(wanted, Plan):
+            wanted.mask.check(m.num_layers, m.num_experts, m.top_k)
+            self.check_tiers(wanted)
+            mask = Mask.of(m.num_experts, wanted.at(m.base_tier))
+        else:
+            mask = wanted
+            mask.check(m.num_layers, m.num_experts, m.top_k)
         for l, kept in enumerate(mask.layers):
             if len(kept) > self.num_slots:
                 biggest = max(mask.kept_counts())
@@ -99,27 +117,15 @@ class ExpertCache:
                     f"cache has S={self.num_slots} slots per layer{budget}; raise the budget to at least {biggest} experts "
                     f"per layer (--budget {biggest}, or Engine.open(budget={biggest})), or use a smaller mask")
 
-    def make_resident(self, mask: Mask) -> LoadReport:
-        """Make every expert of the mask resident, reading only the missing ones; raise before reading if one layer cannot fit."""
-        self.check_fits(mask)
+    def make_resident(self, wanted: Mask | Plan) -> LoadReport:
+        """Make every expert of a mask (or of a plan, each at its tier) resident, reading only the missing ones;
+        raise before reading if one layer cannot fit."""
+        self.check_fits(wanted)
+        plan = wanted if isinstance(wanted, Plan) else None
+        base = wanted if plan is None else Mask.of(plan.num_experts, plan.at(self.pool.manifest.base_tier))
         start = time.perf_counter()
         self.clock += 1
-        jobs, reused, evicted = [], 0, 0
-        for l, kept in enumerate(mask.layers):
-            slot_of, expert_in, last_used = self._slot_of[l], self._expert_in[l], self._last_used[l]
-            need = set(kept)
-            missing = [e for e in kept if slot_of[e] < 0]
-            reused += len(kept) - len(missing)
-            victims = sorted((s for s in range(self.num_slots) if expert_in[s] not in need),
-                             key=lambda s: (expert_in[s] >= 0, last_used[s], s))  # free first, then LRU
-            for e, s in zip(missing, victims):
-                if expert_in[s] >= 0:
-                    slot_of[expert_in[s]] = -1
-                    evicted += 1
-                expert_in[s], slot_of[e] = e, s
-                jobs.append((l, e, s))
-            for e in kept:
-                last_used[slot_of[e]] = self.clock
+        jobs, reused, evicted = place(self._slot_of, self._expert_in, self._last_used, base.layers, self.clock)
         # the host mirror is updated before reading: a failed read invalidates the experts it touched
         try:
             nbytes = self._load(jobs)
@@ -130,11 +136,50 @@ class ExpertCache:
         finally:
             for l in sorted({j[0] for j in jobs}):
                 self.slot_of[l].copy_(torch.tensor(self._slot_of[l], dtype=torch.long))
+        loaded = len(jobs)
+        for name, tier in self.tiers.items():
+            r, n, ev, b = tier.make_resident(plan.at(name) if plan else [[] for _ in base.layers], self.clock)
+            reused, loaded, evicted, nbytes = reused + r, loaded + n, evicted + ev, nbytes + b
         self.hits += reused
-        self.misses += len(jobs)
+        self.misses += loaded
         self.bytes_loaded += nbytes
-        self.last_report = LoadReport(len(jobs), reused, evicted, nbytes, time.perf_counter() - start)
+        self.last_report = LoadReport(loaded, reused, evicted, nbytes, time.perf_counter() - start)
         return self.last_report
+
+    def check_tiers(self, plan: Plan) -> None:
+        """Refuse a plan whose quantised experts the cache has no slots (or the pool no tier) for."""
+        m = self.pool.manifest
+        for name in plan.tiers():
+            if name == m.base_tier:
+                continue
+            m.tier_bytes(name)  # the pool must hold the tier
+            have = self.tiers[name].num_slots if name in self.tiers else 0
+            most = max(len(layer) for layer in plan.at(name))
+            if most > have:
+                raise CacheTooSmall(f"the plan holds {most} experts at {name} in one MoE layer but the expert cache has "
+                                    f"{have} {name} slots per layer; open the engine with tier_slots={{'{name}': {most}}} or more")
+
+    def plan_slots(self, plan: Plan, l: int) -> torch.Tensor:
+        """[E] expert -> the id the experts forward knows it by under `plan`: a base slot, or a quantised tier's
+        slot numbered after the base slots, the scratch rows and the sentinel (-1: not in the plan)."""
+        ids = torch.full((plan.num_experts,), -1, dtype=torch.long)
+        offset = self.num_slots + self.scratch + 1
+        offsets = {}
+        for name, tier in self.tiers.items():
+            offsets[name] = offset
+            offset += tier.num_slots
+        for e, name in plan.layers[l]:
+            ids[e] = self._slot_of[l][e] if name == self.pool.manifest.base_tier else offsets[name] + self.tiers[name].slot_of[l][e]
+        return ids.to(self.device)
+
+    def tier_of(self, slot_id: int, l: int) -> tuple["TierSlots", int]:
+        """(tier, its slot) of a quantised id from `plan_slots`."""
+        offset = self.num_slots + self.scratch + 1
+        for tier in self.tiers.values():
+            if slot_id < offset + tier.num_slots:
+                return tier, slot_id - offset
+            offset += tier.num_slots
+        raise IndexError(f"slot id {slot_id} is past every tier's slots")
 
     def _load(self, jobs: list[tuple[int, int, int]]) -> int:
         names = [p.name for p in self.pool.manifest.expert_params]
@@ -163,7 +208,7 @@ class ExpertCache:
                 for p in self.pool.manifest.expert_params]
 
     def resident(self) -> Mask:
-        """The experts held right now (a superset of the last mask when S exceeds it)."""
+        """The experts held right now at the base tier (a superset of the last mask when S exceeds it)."""
         m = self.pool.manifest
         return Mask.of(m.num_experts, [[e for e in ex if e >= 0] for ex in self._expert_in])
 
@@ -180,3 +225,55 @@ class ExpertCache:
         if s >= 0:
             self._slot_of[l][e], self._expert_in[l][s], self._last_used[l][s] = -1, -1, -1
             self.slot_of[l][e] = -1
+
+
+def place(slot_of: list[list[int]], expert_in: list[list[int]], last_used: list[list[int]], layers, clock: int):
+    """Assign slots to every layer's `kept` experts in one tier's host mirror; (jobs [(l, e, s)], reused, evicted).
+
+    A missing expert goes to a free slot, else to the least recently used slot whose expert is not
+    needed (ties: lower slot); needed experts are never evicted. The caller checked that they fit.
+    """
+    jobs, reused, evicted = [], 0, 0
+    for l, kept in enumerate(layers):
+        need = set(kept)
+        missing = [e for e in kept if slot_of[l][e] < 0]
+        reused += len(kept) - len(missing)
+        victims = sorted((s for s in range(len(expert_in[l])) if expert_in[l][s] not in need),
+                         key=lambda s: (expert_in[l][s] >= 0, last_used[l][s], s))  # free first, then LRU
+        for e, s in zip(missing, victims):
+            if expert_in[l][s] >= 0:
+                slot_of[l][expert_in[l][s]] = -1
+                evicted += 1
+            expert_in[l][s], slot_of[l][e] = e, s
+            jobs.append((l, e, s))
+        for e in kept:
+            last_used[l][slot_of[l][e]] = clock
+    return jobs, reused, evicted
+
+
+class TierSlots:
+    """One quantised tier's slots: per layer, `num_slots` records as the pool stores them (CPU), LRU like the base."""
+
+    def __init__(self, pool: Pool, tier: str, slots: int):
+        m = pool.manifest
+        self.pool, self.name, self.num_slots = pool, tier, slots
+        self.records = [pool.tier_buffers(tier, slots) for _ in range(m.num_layers)]  # [L] {part: [S_t, ...]}
+        self.slot_of = [[-1] * m.num_experts for _ in range(m.num_layers)]
+        self.expert_in = [[-1] * slots for _ in range(m.num_layers)]
+        self.last_used = [[-1] * slots for _ in range(m.num_layers)]
+
+    def make_resident(self, layers: list[list[int]], clock: int) -> tuple[int, int, int, int]:
+        """(reused, loaded, evicted, bytes read) of making these experts resident at this tier."""
+        jobs, reused, evicted = place(self.slot_of, self.expert_in, self.last_used, layers, clock)
+        nbytes = 0
+        try:
+            for l, e, s in jobs:
+                nbytes += self.pool.read_into(l, e, [t[s] for t in self.records[l].values()], self.name)
+        except BaseException:
+            for l, e, s in jobs:
+                self.slot_of[l][e], self.expert_in[l][s] = -1, -1
+            raise
+        return reused, len(jobs), evicted, nbytes
+
+    def record(self, l: int, s: int) -> dict[str, torch.Tensor]:
+        return {part: t[s] for part, t in self.records[l].items()}

@@ -42,12 +42,18 @@ QUANTILE = arg("--ood-quantile", type=float, help="share of each domain's own de
                "flag, fitted by leave-one-out on the demos (default 0.03)")
 JSON = arg("--json", dest="as_json", action="store_true", help="print JSON")
 DEVICE = arg("--device", default="cpu", help="cpu or cuda")
+SKIP = arg("--skip-ratio", type=float, default=0.0, help="dynamic skipping: drop a selected expert whose weight is below "
+           "this times its token's top weight (NAEE; 0 = off, the default)")
+DTYPE = arg("--dtype", default="auto", help="compute dtype: auto (the checkpoint's on GPU, float32 on CPU), float32 or bfloat16")
 MATCHER = arg("--matcher", default="hybrid", help="hybrid (default: text + first-layer routing), embedding (text "
               "only, no model needed) or signature (routing only)")
 
 COMMANDS: dict[str, Command] = {
     "pool build": Command("pool:build_command", "convert MODEL_DIR (HF safetensors checkpoint) into an expert pool in POOL_DIR", (
-        arg("model_dir"), arg("pool_dir"), arg("--quiet", action="store_true", help="no progress bar"))),
+        arg("model_dir"), arg("pool_dir"),
+        arg("--tiers", default="", help="also store every expert at these quantised tiers, e.g. bf16,int8,int4 (int8: "
+            "per-output-channel scales; int4: groups of 32); the checkpoint's dtype is always stored"),
+        arg("--quiet", action="store_true", help="no progress bar"))),
     "register": Command("indexer:register_command", "score a domain's demos on the model and store its pattern", (
         arg("--pool", help="expert pool folder (domex pool build); or --model"),
         arg("--model", help="HF checkpoint folder, instead of a pool (full mode only)"),
@@ -70,8 +76,13 @@ COMMANDS: dict[str, Command] = {
         arg("--store", required=True, help="pattern store folder (no server or registration may have it open)"),)),
     "mask": Command("selection:mask_command", "write the kept experts of one domain (or a mix of several) under a budget", (
         STORE, arg("--domain", action="append", required=True, help="domain; repeat for a mixed mask"),
-        arg("--budget", required=True, help=BUDGET_HELP), CRITERION, RULE,
-        arg("-o", "--output", required=True, help="mask JSON file to write"))),
+        arg("--budget", help=BUDGET_HELP + "; bytes with --pool give a plan"),
+        arg("--memory", help="a share of the full expert bytes ('25%%') or bytes: write the plan (experts and their "
+            "tiers, chosen by value per byte) instead of a mask; needs --pool"),
+        arg("--pool", help="expert pool: its tiers (domex pool build --tiers) and their bytes, for plans"),
+        arg("--tiers", help="tiers a plan may use, e.g. bf16,int8 (default: every tier of the pool)"),
+        CRITERION, RULE,
+        arg("-o", "--output", required=True, help="mask (or plan) JSON file to write"))),
     "route": Command("selection:route_command", "match texts to stored domains and print each decision", (
         STORE, arg("--pool", help="expert pool; the hybrid and signature matchers route through its first MoE layer"),
         MATCHER, QUANTILE,
@@ -96,8 +107,7 @@ COMMANDS: dict[str, Command] = {
         CRITERION, RULE, MATCHER,
         arg("--policy", default="nearest", help="out-of-domain fallback: nearest, union, general or full"), QUANTILE,
         arg("--host", default="127.0.0.1"), arg("--port", type=int, default=8000), DEVICE,
-        arg("--dtype", default="auto", help="compute dtype: auto (the checkpoint's on GPU, float32 on CPU), "
-            "float32 or bfloat16"),
+        DTYPE, SKIP,
         arg("--scheduler", default="continuous", help="continuous (rows join and leave at every decode step, "
             "each under its own mask) or static (the old batches under their masks' union; a baseline)"),
         arg("--max-batch", type=int, default=32, help="most requests decoded together"),
@@ -128,8 +138,7 @@ COMMANDS: dict[str, Command] = {
         CRITERION, RULE, MATCHER,
         arg("--policy", default="nearest", help="out-of-domain fallback: nearest, union, general or full"), QUANTILE,
         arg("--host", default="127.0.0.1"), arg("--port", type=int, default=8000),
-        arg("--dtype", default="auto", help="compute dtype: auto (the checkpoint's on GPU, float32 on CPU), "
-            "float32 or bfloat16"),
+        DTYPE, SKIP,
         arg("--max-batch", type=int, default=32, help="most requests one replica decodes together"),
         arg("--admin-token", help="when set, POST/DELETE /v1/domains need 'Authorization: Bearer TOKEN'"),
         arg("--max-tokens", type=int, default=512, help="largest max_tokens a request may ask for"))),
@@ -163,16 +172,19 @@ COMMANDS: dict[str, Command] = {
         arg("--budgets", default="0.25,0.5,0.75", help="comma-separated budgets (fractions, counts or bytes)"),
         arg("--criteria", default=",".join(CRITERIA), help="comma-separated criteria"),
         arg("--eval-dir", default="patterns/eval", help="held-out splits <domain>.jsonl[.gz], user-style "
-            "queries/<domain>.jsonl and out-of-domain ood/<kind>.jsonl[.gz]"),
+            "queries/<domain>.jsonl, out-of-domain ood/<kind>.jsonl[.gz] and checkable tasks tasks/<domain>.jsonl"),
         arg("--max-passages", type=int, help="first N held-out passages per domain for pruning quality"),
         arg("--routing-passages", type=int, help="first N held-out passages per domain for routing "
             "(default: all; matching is cheap); queries and OOD texts are always read whole"),
+        arg("--max-tasks", type=int, help="first N checkable tasks per domain (tasks/<domain>.jsonl: exact math "
+            "answers, SQL that returns the reference rows); default: all"),
         arg("--max-len", type=int, help="truncate passages to this many tokens (default: the model's context)"),
         arg("--batch-size", type=int, default=16, help="passages per forward pass"),
         arg("--domain", action="append", help="evaluate only this domain; repeat (default: every stored domain)"),
         arg("--publish", help="also write the report here (e.g. docs/RESULTS.md) with its PNGs in results/ beside it"),
         arg("--about", help="a paragraph for the top of the report, e.g. which checkpoint the pool was built from"),
         arg("--threads", type=int, help="torch threads (default: torch's choice; 1 is fastest on busy shared cores)"),
+        DTYPE,
         arg("--quiet", action="store_true", help="no progress bar"),
         arg("--out", required=True, help="folder for results.json, report.md and the PNG plots"))),
 }

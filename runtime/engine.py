@@ -6,6 +6,10 @@ only experts of the mask and hands the experts module their slot ids). The model
 meta device; its non-expert weights come from the pool, and each MoE layer's fused expert
 parameters *are* the cache's slot buffers, so no routed expert weight beyond the S slots of each
 layer is ever materialised.
+
+A plan (store/plan.py) may hold experts at int8 or int4: their records sit in the cache's tier slots,
+and the experts forward dequantises the ones a batch selects into a few scratch rows of the slot
+buffers, runs the stock experts implementation on them, and adds their output (`tiered_forward`).
 """
 
 from __future__ import annotations
@@ -18,12 +22,14 @@ import torch
 from domex.store.budget import Budget
 from domex.errors import MaskError, PoolError
 from domex.store.mask import Mask
+from domex.store.plan import Plan
 
 from . import device as dev
 from .cache import ExpertCache, LoadReport
 from .checkpoint import dtype_of
 from .pool import Pool, load_skeleton, load_tokenizer, open_pool
-from .routing import allow_rows, check_mode, restrict_router
+from .quant import decode
+from .routing import allow_rows, check_mode, check_skip_ratio, honour_sentinels, restrict_router
 
 
 @dataclass(frozen=True)
@@ -37,6 +43,8 @@ class EngineStats:
     misses: int  # experts read from the pool
     bytes_read: int
     last_switch_seconds: float
+    expert_calls: int = 0  # (token, selected expert) pairs routed since open
+    expert_calls_skipped: int = 0  # of those, dropped by dynamic skipping (--skip-ratio)
 
 
 class Engine:
@@ -52,13 +60,17 @@ class Engine:
 
     @classmethod
     def open(cls, pool: Pool | str | Path, *, budget: Budget | str | None = None, device: str | torch.device = "cpu",
-             mode: str = "renormalize", fingerprint: str | None = None, dtype: str | torch.dtype | None = None) -> "Engine":
+             mode: str = "renormalize", fingerprint: str | None = None, dtype: str | torch.dtype | None = None,
+             skip_ratio: float = 0.0, tier_slots: dict[str, int] | None = None) -> "Engine":
         """Open a pool for serving. budget: slots per layer (fraction of E, count, or bytes; None = all E).
 
         `fingerprint`, when given, must be the pool's (e.g. the store's): another model's is refused.
         `dtype`: the compute dtype (None: the checkpoint's; 'auto', 'float32', 'bfloat16': see device.compute_dtype).
+        `skip_ratio`: dynamic skipping (routing.py); 0 keeps every expert the router selects.
+        `tier_slots`: slots per layer for quantised tiers, e.g. {"int8": 8, "int4": 16}, so plans can use them.
         """
         check_mode(mode)
+        check_skip_ratio(skip_ratio)
         pool = open_pool(pool)
         try:
             if fingerprint is not None:
@@ -66,25 +78,34 @@ class Engine:
             device = dev.resolve(device)
             if isinstance(dtype, str):
                 dtype = dev.compute_dtype(dtype, device, dtype_of(pool.manifest.expert_params[0].dtype))
-            cache = ExpertCache.from_budget(pool, budget, device, dtype)
+            cache = ExpertCache.from_budget(pool, budget, device, dtype, tier_slots)
             model = load_skeleton(pool, device, dtype)
         except BaseException:
             pool.close()
             raise
-        for name, slots in zip(pool.manifest.experts_module, cache.slots):
+        for l, (name, slots) in enumerate(zip(pool.manifest.experts_module, cache.slots)):
             experts = model.get_submodule(name)
-            for param, buffer in slots.items():  # [S, ...]: the slot buffer itself, no copy
+            for param, buffer in slots.items():  # [S + scratch, ...]: the slot buffer itself, no copy
                 setattr(experts, param, torch.nn.Parameter(buffer, requires_grad=False))
-            experts.num_experts = cache.num_slots
-        return cls(pool, model, cache, mode)
+            experts.num_experts = cache.num_slots + cache.scratch
+            honour_sentinels(experts, skip_ratio > 0 or bool(cache.tiers))
+            if cache.tiers:
+                experts.forward = tiered_forward(experts, cache, l)
+        engine = cls(pool, model, cache, mode)
+        engine.skip_ratio = skip_ratio
+        return engine
 
-    def ensure(self, mask: Mask) -> LoadReport:
-        """Make the mask's experts resident (reading only missing ones) and restrict every router to them."""
-        report = self.cache.make_resident(mask)
+    def ensure(self, wanted: Mask | Plan) -> LoadReport:
+        """Make a mask's experts (or a plan's, each at its tier) resident, reading only missing ones, and restrict
+        every router to them."""
+        report = self.cache.make_resident(wanted)
+        mask = wanted.mask if isinstance(wanted, Plan) else wanted
         blocks = self.pool.adapter.moe_blocks(self.model)
-        for (_, block), kept, slot_of in zip(blocks, mask.layers, self.cache.slot_of):
-            restrict_router(self.pool.adapter.router(block), self._router_cfg, kept, slot_of=slot_of, mode=self.mode)
-        self.mask = mask
+        for l, ((_, block), kept) in enumerate(zip(blocks, mask.layers)):
+            slot_of = self.cache.plan_slots(wanted, l) if isinstance(wanted, Plan) else self.cache.slot_of[l]
+            restrict_router(self.pool.adapter.router(block), self._router_cfg, kept, slot_of=slot_of, mode=self.mode,
+                            skip_ratio=self.skip_ratio, sentinel=self.cache.num_slots + self.cache.scratch)
+        self.mask = wanted
         self.loads += 1
         return report
 
@@ -150,9 +171,44 @@ class Engine:
         c = self.cache
         resident = c.resident_count()
         last = c.last_report.seconds if c.last_report else 0.0
+        routers = [r for r in self.routers() if hasattr(r, "domex_calls")]
         return EngineStats(c.num_slots, c.slot_bytes(), resident, resident * self.pool.manifest.expert_bytes,
-                           self.loads, c.hits, c.misses, c.bytes_loaded, last)
+                           self.loads, c.hits, c.misses, c.bytes_loaded, last, sum(r.domex_calls for r in routers),
+                           sum(int(r.domex_skipped) for r in routers))
+
+    def routers(self) -> list[torch.nn.Module]:
+        return [self.pool.adapter.router(block) for _, block in self.pool.adapter.moe_blocks(self.model)]
 
     def close(self) -> None:
         """Release the pool (its files and the lock that keeps `domex pool build` from rewriting it)."""
         self.pool.close()
+
+
+def tiered_forward(experts: torch.nn.Module, cache: ExpertCache, l: int):
+    """The experts forward of MoE layer l when the cache has quantised tiers.
+
+    Ids below S are base slots: the stock implementation runs them, every other pair set to the
+    sentinel (S + scratch) so it is skipped. Ids past the sentinel are quantised slots: the ones this
+    batch selected are dequantised, `scratch` at a time, into the rows S.. of the slot buffers, and
+    the stock implementation runs again on just their pairs. The outputs add up to the one forward.
+    """
+    stock = type(experts).forward  # the class forward: the configured experts implementation
+    base, sentinel = cache.num_slots, cache.num_slots + cache.scratch
+    names = [p.name for p in cache.pool.manifest.expert_params]
+    dtype = getattr(experts, names[0]).dtype
+
+    def forward(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        quantised = top_k_index > sentinel  # [T, k]
+        out = stock(experts, hidden_states, top_k_index.masked_fill(quantised, sentinel), top_k_weights)
+        used = top_k_index[quantised].unique().tolist()
+        for start in range(0, len(used), cache.scratch):
+            local = torch.full_like(top_k_index, sentinel)  # [T, k]
+            for row, slot_id in enumerate(used[start:start + cache.scratch], start=base):
+                tier, s = cache.tier_of(slot_id, l)
+                for name, weight in decode(tier.record(l, s), names, tier.name, dtype).items():
+                    getattr(experts, name)[row].copy_(weight)
+                local[top_k_index == slot_id] = row
+            out = out + stock(experts, hidden_states, local, top_k_weights)
+        return out
+
+    return forward

@@ -6,6 +6,8 @@
       experts/layer_NNN.safetensors   one per MoE layer (NNN = decoder layer), expert-major:
                                 tensors e0000.gate_up_proj, e0000.down_proj, e0001.gate_up_proj, ...
                                 so expert e is the byte range [data_start + e * expert_bytes, + expert_bytes)
+      experts/layer_NNN.int8.safetensors, .int4.   optional quantised tiers (`--tiers`, runtime/quant.py), laid
+                                out the same way: e0000.gate_up_proj.q, e0000.gate_up_proj.scale, ...
       config.json, tokenizer files, generation_config.json   copied from the model
 
 The layer files are valid safetensors (any reader can open them); domex reads one expert with one
@@ -25,7 +27,7 @@ import json
 import os
 import shutil
 import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -36,6 +38,7 @@ from domex.store.atomic import replacing, write_atomic
 
 from .checkpoint import Checkpoint, _as_bytes, _numel, dtype_name, dtype_of, fingerprint, pread_into, read_header, write_safetensors
 from .families import Adapter, adapter_for
+from .quant import check_tiers, encode, parts, relative_error
 
 FORMAT = "domex-expert-pool"
 VERSION = 1
@@ -61,6 +64,35 @@ class ExpertParam:
 
 
 @dataclass(frozen=True)
+class Tier:
+    """One quantised tier's files: its record layout and where each expert's record starts."""
+
+    expert_params: tuple[ExpertParam, ...]  # the record's parts, e.g. gate_up_proj.q, gate_up_proj.scale, ...
+    expert_bytes: int
+    layer_files: tuple[str, ...]  # [L]
+    data_start: tuple[int, ...]  # [L]
+    checksums: tuple[tuple[int, ...], ...]  # [L][E]
+    errors: tuple[tuple[float, ...], ...]  # [L][E] relative Frobenius error of each expert's dequantised weights
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Tier":
+        return cls(tuple(ExpertParam(p["name"], tuple(p["shape"]), p["dtype"], p["offset"], p["nbytes"])
+                         for p in data["expert_params"]), data["expert_bytes"], tuple(data["layer_files"]),
+                   tuple(data["data_start"]), tuple(tuple(c) for c in data["checksums"]),
+                   tuple(tuple(e) for e in data["errors"]))
+
+
+def record_layout(parts: Iterable[tuple[str, torch.dtype, tuple[int, ...]]]) -> tuple[tuple[ExpertParam, ...], int]:
+    """Consecutive ExpertParams of (name, dtype, shape) parts, and the record's total bytes."""
+    params, offset = [], 0
+    for name, dtype, shape in parts:
+        nbytes = _numel(shape) * torch.empty((), dtype=dtype).element_size()
+        params.append(ExpertParam(name, tuple(shape), dtype_name(dtype), offset, nbytes))
+        offset += nbytes
+    return tuple(params), offset
+
+
+@dataclass(frozen=True)
 class PoolManifest:
     fingerprint: str
     model_type: str
@@ -79,6 +111,7 @@ class PoolManifest:
     file_sizes: dict  # relative path -> bytes
     source_layout: str  # "per_expert" | "fused": how the checkpoint stored the experts
     version: int = VERSION
+    tiers: dict = field(default_factory=dict)  # quantised tier name -> Tier (pools built without --tiers: none)
 
     @property
     def num_layers(self) -> int:
@@ -87,6 +120,29 @@ class PoolManifest:
     def offset(self, l: int, e: int) -> int:
         """Byte offset of expert e of MoE layer l in its layer file."""
         return self.data_start[l] + e * self.expert_bytes
+
+    @property
+    def base_tier(self) -> str:
+        """The name of the tier the experts are stored at as the checkpoint had them, e.g. 'bfloat16'."""
+        return self.expert_params[0].dtype
+
+    def tier_bytes(self, tier: str) -> int:
+        """Bytes of one expert's record at `tier` (the base tier's or a quantised one's)."""
+        if tier == self.base_tier:
+            return self.expert_bytes
+        if tier not in self.tiers:
+            raise PoolError(f"the pool has no {tier} tier (it holds: {', '.join([self.base_tier, *self.tiers])}); "
+                            f"rebuild it with `domex pool build MODEL_DIR POOL_DIR --tiers {tier}`")
+        return self.tiers[tier].expert_bytes
+
+    def tier_table(self, names=None) -> tuple[dict[str, int], dict]:
+        """(tier -> one expert's bytes, tier -> [L, E] relative weight errors) for plans (store/plan.py):
+        the base tier and the quantised tiers among `names` (default: all the pool holds)."""
+        import numpy as np
+
+        chosen = [t for t in self.tiers if names is None or t in check_tiers(names)]
+        return ({self.base_tier: self.expert_bytes, **{t: self.tiers[t].expert_bytes for t in chosen}},
+                {t: np.array(self.tiers[t].errors) for t in chosen})
 
     def to_json(self) -> dict:
         return {"format": FORMAT, **asdict(self)}
@@ -100,6 +156,7 @@ class PoolManifest:
         data["expert_params"] = tuple(ExpertParam(p["name"], tuple(p["shape"]), p["dtype"], p["offset"], p["nbytes"])
                                       for p in data["expert_params"])
         data["checksums"] = tuple(tuple(c) for c in data["checksums"])
+        data["tiers"] = {name: Tier.from_json(t) for name, t in data.get("tiers", {}).items()}
         for key in ("moe_layers", "experts_module", "layer_files", "data_start"):
             data[key] = tuple(data[key])
         return cls(**data)
@@ -174,11 +231,14 @@ def _expert_reader(ckpt: Checkpoint, adapter: Adapter, layer: int) -> tuple[str,
                     f"(looked for {wanted}); the checkpoint does not match its config.json")
 
 
-def build(model_dir: str | Path, pool_dir: str | Path, *, progress: bool = True) -> PoolManifest:
-    """Convert an HF MoE checkpoint folder into an expert pool (see the module docstring for the layout)."""
+def build(model_dir: str | Path, pool_dir: str | Path, *, tiers=(), progress: bool = True) -> PoolManifest:
+    """Convert an HF MoE checkpoint folder into an expert pool (see the module docstring for the layout).
+
+    `tiers`: quantised tiers to store beside the checkpoint's dtype, e.g. ("int8", "int4")."""
     from tqdm import tqdm
 
     model_dir, pool_dir = Path(model_dir), Path(pool_dir)
+    tiers = check_tiers(tiers)
     ckpt = Checkpoint(model_dir)
     config = ckpt.config()
     adapter = adapter_for(config.get("model_type"))
@@ -212,14 +272,9 @@ def build(model_dir: str | Path, pool_dir: str | Path, *, progress: bool = True)
     # expert layout of one record, from the first MoE layer's first expert
     layouts = {layer: _expert_reader(ckpt, adapter, layer) for layer, _ in moe}
     sample = layouts[moe[0][0]][1](0)
-    params, offset = [], 0
-    for p in adapter.fused.params:
-        t = sample[p]
-        params.append(ExpertParam(p, tuple(t.shape), dtype_name(t.dtype), offset, t.nbytes))
-        offset += t.nbytes
-    expert_bytes = offset
+    params, expert_bytes = record_layout((p, sample[p].dtype, tuple(sample[p].shape)) for p in adapter.fused.params)
 
-    total = len(specs) + len(moe) * num_experts
+    total = len(specs) + len(moe) * num_experts * (1 + len(tiers))
     bar = tqdm(total=total, desc=f"pool build {model_dir.name}", unit="tensor", disable=not progress)
     with _locked(pool_dir, exclusive=True):
         def non_expert_tensors():
@@ -251,13 +306,15 @@ def build(model_dir: str | Path, pool_dir: str | Path, *, progress: bool = True)
             layer_files.append(rel)
             data_start.append(entries[f"e00000.{params[0].name}"].begin)
             checksums.append(tuple(crcs))
+        built = {tier: _write_tier(pool_dir, tier, params, layer_files, data_start, num_experts, meta, bar)
+                 for tier in tiers}
         bar.close()
         ckpt.close()
         for name in COPIED:
             if (model_dir / name).is_file():
                 with replacing(pool_dir / name) as tmp:
                     shutil.copyfile(model_dir / name, tmp)
-        files = [NON_EXPERTS, *layer_files]
+        files = [NON_EXPERTS, *layer_files, *(f for t in built.values() for f in t.layer_files)]
         manifest = PoolManifest(
             fingerprint=fp, model_type=adapter.model_type, config=config, num_experts=num_experts,
             top_k=router_cfg.top_k, moe_layers=tuple(l for l, _ in moe), experts_module=tuple(m for _, m in moe),
@@ -265,10 +322,48 @@ def build(model_dir: str | Path, pool_dir: str | Path, *, progress: bool = True)
             data_start=tuple(data_start), checksums=tuple(checksums), non_expert_file=NON_EXPERTS,
             non_expert_bytes=sum(d.itemsize * _numel(s) for _, d, s in specs),
             file_sizes={f: (pool_dir / f).stat().st_size for f in files},
-            source_layout="+".join(sorted({layouts[l][0] for l, _ in moe})),
+            source_layout="+".join(sorted({layouts[l][0] for l, _ in moe})), tiers=built,
         )
         write_atomic(pool_dir / MANIFEST, json.dumps(manifest.to_json(), indent=1).encode())
     return manifest
+
+
+def _write_tier(pool_dir: Path, tier: str, params: tuple[ExpertParam, ...], layer_files: list[str],
+                data_start: list[int], num_experts: int, meta: dict, bar) -> Tier:
+    """Quantise every expert of the base layer files into the tier's layer files (runtime/quant.py)."""
+    record_parts = [(p.name + suffix, dtype, shape) for p in params for suffix, dtype, shape in
+                    parts(p.shape, dtype_of(p.dtype), tier)]
+    tier_params, tier_bytes = record_layout(record_parts)
+    files, starts, checksums, errors = [], [], [], []
+    for rel, start in zip(layer_files, data_start):
+        out = rel.replace(".safetensors", f".{tier}.safetensors")
+        crcs, errs = [0] * num_experts, [0.0] * num_experts
+        fd = os.open(pool_dir / rel, os.O_RDONLY)
+
+        def tensors():
+            buffers = {p.name: torch.empty(p.shape, dtype=dtype_of(p.dtype)) for p in params}
+            for e in range(num_experts):
+                pread_into(fd, list(buffers.values()), start + e * sum(p.nbytes for p in params), pool_dir / rel)
+                record = encode(buffers, tier)
+                errs[e] = relative_error(buffers, record, tier)
+                yield from record.values()
+                bar.update(1)
+
+        def on_record(name: str, data: memoryview) -> None:
+            e = int(name[1:6])
+            crcs[e] = zlib.crc32(data, crcs[e])
+
+        try:
+            write_safetensors(pool_dir / out, [(f"e{e:05d}.{n}", d, s) for e in range(num_experts) for n, d, s in record_parts],
+                              tensors(), meta, on_record)
+        finally:
+            os.close(fd)
+        entries, _ = read_header(pool_dir / out)
+        files.append(out)
+        starts.append(entries[f"e00000.{tier_params[0].name}"].begin)
+        checksums.append(tuple(crcs))
+        errors.append(tuple(round(x, 6) for x in errs))
+    return Tier(tier_params, tier_bytes, tuple(files), tuple(starts), tuple(checksums), tuple(errors))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -312,8 +407,9 @@ class Pool:
             self.close()
             raise PoolError(f"{self.dir / MANIFEST}: the checksum table is not {m.num_layers} layers x {m.num_experts} "
                             f"experts; rebuild the pool with `domex pool build MODEL_DIR {self.dir}`")
-        self._fds = [os.open(self.dir / rel, os.O_RDONLY) for rel in m.layer_files]
-        self._verified = [[False] * m.num_experts for _ in m.layer_files]  # [L][E]
+        self._fds = {m.base_tier: [os.open(self.dir / rel, os.O_RDONLY) for rel in m.layer_files]}
+        self._fds.update({name: [os.open(self.dir / rel, os.O_RDONLY) for rel in t.layer_files] for name, t in m.tiers.items()})
+        self._verified = {name: [[False] * m.num_experts for _ in m.layer_files] for name in self._fds}  # tier: [L][E]
         self.corrupt: list[str] = []  # experts whose bytes failed their checksum in this process
 
     @property
@@ -333,37 +429,47 @@ class Pool:
         return {p.name: torch.empty((count, *p.shape), dtype=dtype or dtype_of(p.dtype), device=device)
                 for p in self.manifest.expert_params}
 
-    def read_into(self, l: int, e: int, buffers: list[torch.Tensor]) -> int:
-        """Read expert e of MoE layer l into CPU tensors (one per parameter, manifest order); returns bytes.
+    def read_into(self, l: int, e: int, buffers: list[torch.Tensor], tier: str | None = None) -> int:
+        """Read expert e of MoE layer l into CPU tensors (one per record part, manifest order); returns bytes.
 
+        `tier`: a quantised tier's record (its parts: `tier_buffers`) instead of the base one.
         A crc32 mismatch on the first read of an expert in this process raises PoolError.
         """
         m = self.manifest
-        pread_into(self._fds[l], buffers, m.offset(l, e), self.dir / m.layer_files[l])
-        if not self._verified[l][e]:
+        tier = tier or m.base_tier
+        files = m.tiers[tier] if tier in m.tiers else m
+        path = self.dir / files.layer_files[l]
+        pread_into(self._fds[tier][l], buffers, files.data_start[l] + e * files.expert_bytes, path)
+        if not self._verified[tier][l][e]:
             crc = 0
             for b in buffers:
                 crc = zlib.crc32(_as_bytes(b), crc)
-            if crc != m.checksums[l][e]:
-                where = f"{self.dir / m.layer_files[l]}: MoE layer {l} (decoder layer {m.moe_layers[l]}), expert {e}"
+            if crc != files.checksums[l][e]:
+                where = f"{path}: MoE layer {l} (decoder layer {m.moe_layers[l]}), expert {e}"
                 if where not in self.corrupt:
                     self.corrupt.append(where)
-                raise PoolError(f"{where}: checksum {crc:08x} != manifest {m.checksums[l][e]:08x}; the pool file is "
+                raise PoolError(f"{where}: checksum {crc:08x} != manifest {files.checksums[l][e]:08x}; the pool file is "
                                 f"corrupt, rebuild it with `domex pool build MODEL_DIR {self.dir}`")
-            self._verified[l][e] = True
-        return m.expert_bytes
+            self._verified[tier][l][e] = True
+        return files.expert_bytes
+
+    def tier_buffers(self, tier: str, count: int) -> dict[str, torch.Tensor]:
+        """Empty CPU [count, ...] tensors for every part of a quantised tier's record."""
+        self.manifest.tier_bytes(tier)  # names the tiers the pool has when it lacks this one
+        return {p.name: torch.empty((count, *p.shape), dtype=dtype_of(p.dtype)) for p in self.manifest.tiers[tier].expert_params}
 
     def verify_checksums(self) -> list[str]:
         """Read every expert once and check its crc32; returns the corrupt ones (also kept in `corrupt`)."""
         m = self.manifest
-        buffers = [t[0] for t in self.expert_buffers(1).values()]
-        for l in range(m.num_layers):
-            for e in range(m.num_experts):
-                if not self._verified[l][e]:
-                    try:
-                        self.read_into(l, e, buffers)
-                    except PoolError:
-                        pass  # recorded in self.corrupt
+        for tier in self._fds:
+            buffers = [t[0] for t in (self.expert_buffers(1) if tier == m.base_tier else self.tier_buffers(tier, 1)).values()]
+            for l in range(m.num_layers):
+                for e in range(m.num_experts):
+                    if not self._verified[tier][l][e]:
+                        try:
+                            self.read_into(l, e, buffers, tier)
+                        except PoolError:
+                            pass  # recorded in self.corrupt
         return list(self.corrupt)
 
     def read_layer(self, l: int, experts: Iterable[int] | None = None) -> dict[str, torch.Tensor]:
@@ -386,9 +492,10 @@ class Pool:
         return load_file(self.dir / self.manifest.non_expert_file, device=str(device))
 
     def close(self) -> None:
-        for fd in getattr(self, "_fds", []):
-            os.close(fd)
-        self._fds = []
+        for fds in getattr(self, "_fds", {}).values():
+            for fd in fds:
+                os.close(fd)
+        self._fds = {}
         if self._lock is not None:
             self._lock.__exit__(None, None, None)
             self._lock = None
@@ -478,11 +585,13 @@ def load_tokenizer(folder: str | Path):
         raise PoolError(f"{folder}: no usable tokenizer ({str(e).splitlines()[0][:160]}); {hint}") from None
 
 
-def build_command(model_dir: str, pool_dir: str, quiet: bool = False) -> int:
+def build_command(model_dir: str, pool_dir: str, tiers: str = "", quiet: bool = False) -> int:
     """`domex pool build`."""
-    m = build(model_dir, pool_dir, progress=not quiet)
+    m = build(model_dir, pool_dir, tiers=tiers, progress=not quiet)
     gib = (m.non_expert_bytes + m.num_layers * m.num_experts * m.expert_bytes) / 2**30
     print(f"pool {pool_dir}: {m.model_type}, {m.num_layers} MoE layers x {m.num_experts} experts "
           f"({m.expert_bytes / 2**20:.2f} MiB each, from {m.source_layout} keys), {gib:.2f} GiB, "
           f"fingerprint {m.fingerprint[:12]}")
+    for name, t in m.tiers.items():
+        print(f"  tier {name}: {t.expert_bytes / 2**20:.3f} MiB per expert ({t.expert_bytes / m.expert_bytes:.1%} of {m.base_tier})")
     return 0

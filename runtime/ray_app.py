@@ -76,8 +76,8 @@ class ReplicaScheduler:
 class ExpertReplica:
     """One replica: an Engine on the shared pool with slots for `domains_per_replica` masks, batching continuously."""
 
-    def __init__(self, pool: str, budget: str, domains_per_replica: int, dtype: str = "auto", max_batch: int = 32,
-                 device: str = "cpu", max_waiting: int = 64):
+    def __init__(self, pool: str, budget: str, domains_per_replica: int, dtype: str = "auto", skip_ratio: float = 0.0,
+                 max_batch: int = 32, device: str = "cpu", max_waiting: int = 64):
         import torch
 
         from domex.store.budget import Budget
@@ -90,7 +90,7 @@ class ExpertReplica:
         m = PoolManifest.from_dir(pool)
         kept = Budget.parse(budget).experts_per_layer(m.num_layers, m.num_experts, m.expert_bytes, m.top_k)
         self.engine = Engine.open(pool, budget=str(min(m.num_experts, kept * domains_per_replica)), dtype=dtype,
-                                  device=device)
+                                  device=device, skip_ratio=skip_ratio)
         self.scheduler = ContinuousScheduler(self.engine, max_batch=max_batch, max_waiting=max_waiting)
         self.capacity, self.loads, self.held = domains_per_replica, 0, OrderedDict()
 
@@ -151,7 +151,7 @@ class Ingress:
 
 
 def build_app(pool: str, store: str, *, replicas: int = 2, domains_per_replica: int = 2, multiplex: bool = True,
-              budget: str = "50%", dtype: str = "auto", max_batch: int = 32, replica_cpus: float = 0.0,
+              budget: str = "50%", dtype: str = "auto", skip_ratio: float = 0.0, max_batch: int = 32, replica_cpus: float = 0.0,
               replica_gpus: float = 0.0, device: str = "cpu", **options):
     """The Ray Serve application: an ingress in front of `replicas` expert replicas multiplexed by domain.
 
@@ -168,8 +168,8 @@ def build_app(pool: str, store: str, *, replicas: int = 2, domains_per_replica: 
     replica = serve.deployment(num_replicas=replicas, ray_actor_options={"num_cpus": replica_cpus, "num_gpus": replica_gpus},
                                max_ongoing_requests=4 * max_batch)(Replica)
     ingress = serve.deployment(ray_actor_options={"num_cpus": 0})(Front)
-    return ingress.bind(replica.bind(str(pool), budget, domains_per_replica, dtype, max_batch, device), str(pool), str(store),
-                        {"budget": budget, "dtype": dtype, **options}, multiplex)
+    return ingress.bind(replica.bind(str(pool), budget, domains_per_replica, dtype, skip_ratio, max_batch, device), str(pool),
+                        str(store), {"budget": budget, "dtype": dtype, "skip_ratio": skip_ratio, **options}, multiplex)
 
 
 def start(app, *, address: str | None = None, host: str = "127.0.0.1", port: int = 8000, num_cpus: int | None = None,

@@ -19,6 +19,12 @@ Each family names one routing rule; the rule, not the model, decides the restric
 The restricted router also maps each chosen expert id to the slot that holds it (identity on a
 stock model; the expert cache sets it), so the experts module only ever sees resident slots.
 
+Dynamic skipping (NAEE, DESIGN §11), after the rule: with ratio b > 0 a selected expert whose weight
+is below b x its token's top weight is dropped; when the family renormalises, the kept weights are
+scaled back to the row's total (1, or DeepSeek's routed scaling factor). A dropped pair gets the
+sentinel slot S (one past the last slot), which transformers' experts implementations skip without
+computing it (the expert-parallel sentinel path, switched on by `honour_sentinels`). b = 0 changes nothing.
+
 Legend: T tokens, E routed experts, k top_k, G groups.
 """
 
@@ -112,6 +118,30 @@ def _topk_softmax(logits, allowed, cfg):
     return F.softmax(top, dim=-1, dtype=top.dtype), ids
 
 
+def skip_small(weights: torch.Tensor, ratio: float, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights with the dropped pairs at 0, keep [T, k] bool): drop w < ratio x the row's top weight."""
+    keep = weights >= ratio * weights.max(dim=-1, keepdim=True).values  # [T, k]; the top weight always stays
+    kept = weights * keep
+    if renormalize:
+        kept = kept * (weights.sum(dim=-1, keepdim=True) / kept.sum(dim=-1, keepdim=True))
+    return kept, keep
+
+
+def check_skip_ratio(ratio: float) -> float:
+    if not 0.0 <= ratio <= 1.0:
+        raise ConfigError(f"skip ratio {ratio} is outside [0, 1]; 0 keeps every selected expert (--skip-ratio)")
+    return float(ratio)
+
+
+def honour_sentinels(experts: torch.nn.Module, on: bool = True) -> None:
+    """Let the experts module skip pairs routed to the sentinel slot (ids >= its expert count).
+
+    transformers' eager path always skips them; grouped_mm and batched_mm do when the module says its
+    experts are split (`_is_expert_parallel`), which is the flag they read, so it is set here.
+    """
+    experts._is_expert_parallel = on
+
+
 def router_probs(logits: torch.Tensor, cfg: RouterConfig) -> torch.Tensor:
     """Router probabilities over all E before top-k, fp32 [T, E]: what the observer's `tcess` sums.
 
@@ -143,15 +173,26 @@ def _restricted_forward(self, hidden_states):
                          mode=self.domex_mode)
     slots = self.domex_slot_of[ids]  # [T, k]
     assert bool((slots >= 0).all()), "a selected expert is not resident"
+    if self.domex_skip_ratio > 0:
+        weights, keep = skip_small(weights, self.domex_skip_ratio, cfg.renormalize)
+        slots = slots.masked_fill(~keep, self.domex_sentinel)
+        self.domex_calls += keep.numel()
+        self.domex_skipped += (~keep).sum()
     if cfg.cast_weights:
         weights = weights.to(logits.dtype)
     return logits, weights, slots
 
 
 def restrict_router(router: torch.nn.Module, cfg: RouterConfig, kept: tuple[int, ...], *,
-                    slot_of: torch.Tensor | None = None, mode: str = "renormalize") -> None:
-    """Make `router` choose only among `kept`; `slot_of[E]` maps expert id -> resident slot (-1: absent)."""
+                    slot_of: torch.Tensor | None = None, mode: str = "renormalize", skip_ratio: float = 0.0,
+                    sentinel: int | None = None) -> None:
+    """Make `router` choose only among `kept`; `slot_of[E]` maps expert id -> resident slot (-1: absent).
+
+    With `skip_ratio` > 0, dropped pairs go to slot `sentinel` (default: E, past a stock experts module's
+    last expert); the experts module must honour sentinels. `domex_calls` / `domex_skipped` count pairs.
+    """
     check_mode(mode)
+    check_skip_ratio(skip_ratio)
     device = router.weight.device
     allowed = torch.zeros(cfg.num_experts, dtype=torch.bool, device=device)
     allowed[list(kept)] = True
@@ -161,6 +202,10 @@ def restrict_router(router: torch.nn.Module, cfg: RouterConfig, kept: tuple[int,
     router.register_buffer("domex_slot_of", slot_of.to(device), persistent=False)
     router.domex_config = cfg
     router.domex_mode = mode
+    router.domex_skip_ratio = skip_ratio
+    router.domex_sentinel = cfg.num_experts if sentinel is None else sentinel
+    if not hasattr(router, "domex_calls"):  # counters survive re-restriction (a new mask)
+        router.domex_calls, router.domex_skipped = 0, torch.zeros((), dtype=torch.long, device=device)
     router.forward = types.MethodType(_restricted_forward, router)
 
 
@@ -172,5 +217,6 @@ def allow_rows(router: torch.nn.Module, allowed: torch.Tensor) -> None:
 def unrestrict_router(router: torch.nn.Module) -> None:
     for name in ("domex_allowed", "domex_slot_of"):
         router._buffers.pop(name, None)
-    for name in ("domex_config", "domex_mode", "forward"):
+    for name in ("domex_config", "domex_mode", "domex_skip_ratio", "domex_sentinel", "domex_calls", "domex_skipped",
+                 "forward"):
         router.__dict__.pop(name, None)

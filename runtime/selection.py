@@ -12,6 +12,7 @@ import json
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from domex.store.budget import RULES, Budget, domain_mask
 from domex.store.db import Snapshot, Store
@@ -35,6 +36,7 @@ class ServeConfig:
     matcher: str = "hybrid"
     ood_quantile: float | None = None
     dtype: str = "auto"
+    skip_ratio: float = 0.0  # dynamic skipping (runtime/routing.py)
     scheduler: str = "continuous"
     max_batch: int = 32
     max_waiting: int = 64
@@ -55,6 +57,8 @@ class ServeConfig:
         for flag, value, known in choices:
             if value not in known:
                 raise ConfigError(f"{flag} {value!r} is not one of: {', '.join(known)}")
+        if not 0.0 <= self.skip_ratio <= 1.0:
+            raise ConfigError(f"--skip-ratio {self.skip_ratio} must lie between 0 and 1 (0: no skipping)")
         if self.ood_quantile is not None and not 0.0 < self.ood_quantile < 1.0:
             raise ConfigError(f"--ood-quantile {self.ood_quantile} must lie between 0 and 1")
         for flag, value, least in (("--max-batch", self.max_batch, 1), ("--max-waiting", self.max_waiting, 0),
@@ -196,11 +200,36 @@ def route_command(store: str, text: str | None = None, file: str | None = None, 
     return 0
 
 
-def mask_command(store: str, domain: list[str], budget: str, output: str, criterion: str = PRIMARY,
-                 rule: str = "uniform") -> int:
-    """The kept experts of one domain (or a mix) under a budget, written as mask JSON."""
+def plan_command(patterns: list, memory: str, pool: str | None, tiers: str | None, criterion: str, output: str) -> int:
+    from domex.store.atomic import write_atomic
+    from domex.store.plan import domain_plan
+
+    from .pool import PoolManifest
+
+    if pool is None:
+        raise ConfigError("--memory plans experts at the pool's tiers; pass --pool (the expert pool the store was made on)")
+    manifest = PoolManifest.from_dir(pool)
+    tier_bytes, errors = manifest.tier_table(tiers)
+    plan = domain_plan(patterns, memory, tier_bytes, errors, criterion, base_bytes=manifest.expert_bytes)
+    used, full = plan.bytes(tier_bytes), manifest.num_layers * manifest.num_experts * manifest.expert_bytes
+    write_atomic(Path(output), json.dumps({**plan.to_json(), "bytes": used, "share": used / full}, indent=1).encode())
+    counts = ", ".join(f"{n} at {t}" for t, n in sorted(plan.counts().items()))
+    print(f"wrote {output}: {'+'.join(p.name for p in patterns)}, {counts}; {used / 2**20:.2f} MiB = {used / full:.1%} of "
+          f"the expert bytes at {manifest.base_tier}")
+    return 0
+
+
+def mask_command(store: str, domain: list[str], output: str, budget: str | None = None, memory: str | None = None,
+                 pool: str | None = None, tiers: str | None = None, criterion: str = PRIMARY, rule: str = "uniform") -> int:
+    """The kept experts of one domain (or a mix) under a budget, written as mask JSON; or, under a memory
+    budget with a pool, the plan (experts and their tiers) as plan JSON."""
     opened = Store.open(store, create=False)
-    mask = domain_mask([opened.get(d) for d in domain], Budget.parse(budget), criterion, rule)
+    patterns = [opened.get(d) for d in domain]
+    if (budget is None) == (memory is None):
+        raise ConfigError("give one of --budget (experts, or bytes) and --memory (a share of the expert bytes, or bytes)")
+    if memory is not None or (pool is not None and Budget.parse(budget).kind == "bytes"):
+        return plan_command(patterns, memory or budget, pool, tiers, criterion, output)
+    mask = domain_mask(patterns, Budget.parse(budget), criterion, rule)
     mask.save(output)
     print(f"wrote {output}: {'+'.join(domain)}, {sum(mask.kept_counts())} experts over {mask.num_layers} layers "
           f"({mask.fraction():.0%}), per layer {' '.join(map(str, mask.kept_counts()))}")

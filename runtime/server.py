@@ -62,6 +62,8 @@ class Metrics:
         self.switches = Counter("domex_switches", "Admissions that loaded at least one expert", registry=r)
         self.bytes_loaded = Counter("domex_bytes_loaded", "Expert bytes copied from the pool", registry=r)
         self.resident = Gauge("domex_resident_bytes", "Routed expert bytes resident now", registry=r)
+        self.expert_calls = Gauge("domex_expert_calls", "(token, selected expert) pairs routed", registry=r)
+        self.expert_calls_skipped = Gauge("domex_expert_calls_skipped", "Pairs dropped by --skip-ratio", registry=r)
         self.latency = Histogram("domex_request_seconds", "Request latency", ["endpoint"], registry=r)
         self.match_latency = Histogram("domex_match_seconds", "Query matching latency", registry=r,
                                        buckets=(0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5))
@@ -328,6 +330,9 @@ def create_app(state: ServerState, scheduler=None) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics():
+        stats = state.engine.stats()
+        state.metrics.expert_calls.set(stats.expert_calls)
+        state.metrics.expert_calls_skipped.set(stats.expert_calls_skipped)
         return PlainTextResponse(generate_latest(state.metrics.registry).decode(),
                                  media_type="text/plain; version=0.0.4")
 
@@ -359,7 +364,7 @@ def open_state(pool: str, store: str, config: ServeConfig, *, device: str = "cpu
     from .selection import MaskBook
 
     engine = Engine.open(pool, budget=slots or config.resident or config.budget, device=device,
-                         dtype=config.dtype)  # checks files, sizes
+                         dtype=config.dtype, skip_ratio=config.skip_ratio)  # checks files, sizes
     if slots is None:
         config.check_fits(engine.pool.manifest)
     if verify_pool:

@@ -198,6 +198,16 @@ def merge(score_matrices: list[np.ndarray]) -> np.ndarray:
     return out.astype(np.float32)
 
 
+def domain_scores(patterns: list, criterion: str = PRIMARY) -> tuple[np.ndarray, np.ndarray | None]:
+    """(scores [L, E], frequency [L, E] or None) of one domain, or of several merged."""
+    if not patterns:
+        raise ScoreError("a mask needs at least one domain")
+    if len(patterns) == 1:
+        return patterns[0].score(criterion), patterns[0].scores.get("frequency")
+    frequency = merge([p.scores["frequency"] for p in patterns]) if all("frequency" in p.scores for p in patterns) else None
+    return merge([p.score(criterion) for p in patterns]), frequency
+
+
 def domain_mask(patterns: list, budget: Budget, criterion: str = PRIMARY, rule: str = "uniform") -> Mask:
     """The mask of one domain, or of several mixed (merged scores), under a budget.
 
@@ -205,14 +215,7 @@ def domain_mask(patterns: list, budget: Budget, criterion: str = PRIMARY, rule: 
     demos routed to more often (the patterns' `frequency`, merged the same way), then to lower ids.
     top_k and the bytes of one expert come from the patterns' settings (written by the indexer).
     """
-    if not patterns:
-        raise ScoreError("a mask needs at least one domain")
-    if len(patterns) == 1:
-        scores = patterns[0].score(criterion)  # [L, E]
-        frequency = patterns[0].scores.get("frequency")
-    else:
-        scores = merge([p.score(criterion) for p in patterns])  # [L, E]
-        frequency = merge([p.scores["frequency"] for p in patterns]) if all("frequency" in p.scores for p in patterns) else None
+    scores, frequency = domain_scores(patterns, criterion)
     settings = patterns[0].settings
     return select(scores, budget, top_k=int(settings["top_k"]), expert_bytes=settings.get("expert_bytes"),
                   frequency=frequency, rule=rule)

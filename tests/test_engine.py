@@ -196,3 +196,25 @@ def test_padded_batch_generate_with_a_training_config(tmp_path):
     batched = engine.generate(prompts, mask=mask, chat_template=False, max_new_tokens=5, do_sample=False)
     assert batched[1] == engine.generate(prompts[1], chat_template=False, max_new_tokens=5, do_sample=False)[0]
     engine.close()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_skipping_engine_equals_skipping_stock_and_counts_the_calls(pools, family, device):
+    """Slots hold the experts and a sentinel slot takes the dropped pairs; stock+restrict(skip) is the
+    reference (itself checked against a per-token router in test_routing)."""
+    model_dir, pool_dir = pools[family]
+    engine = Engine.open(pool_dir, budget="5", device=device, skip_ratio=0.5)
+    ref = stock(model_dir)
+    mask = random_mask(4, 5)
+    ours = engine.logits(tokens(4), mask=mask).cpu()
+    restrict(ref, mask, skip_ratio=0.5)
+    with torch.no_grad():
+        assert (ours - ref(tokens(4)).logits).abs().max().item() <= 1e-5
+    stats = engine.stats()
+    routers = [engine.pool.adapter.router(b) for _, b in engine.pool.adapter.moe_blocks(ref)]
+    assert stats.expert_calls == sum(r.domex_calls for r in routers) == tokens(4).numel() * L * ref.config.num_experts_per_tok
+    assert 0 < stats.expert_calls_skipped == sum(int(r.domex_skipped) for r in routers)
+    engine.close()
+    off = Engine.open(pool_dir, budget="5", device=device)
+    assert off.stats().expert_calls_skipped == 0
+    off.close()

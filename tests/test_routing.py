@@ -57,7 +57,14 @@ def reference_route_token(logits, kept, cfg, bias, mode):
     return [v / sum(e) for v in e], ids
 
 
-def install_reference(model, mask, mode):
+def reference_skip(w, ratio, renormalize):
+    """NAEE by hand: weights below ratio x the top one become 0 (the stock experts module still runs
+    them, times 0); the rest are scaled back to the row's total when the family renormalises."""
+    kept = [v if v >= ratio * max(w) else 0.0 for v in w]
+    return [v * sum(w) / sum(kept) for v in kept] if renormalize else kept
+
+
+def install_reference(model, mask, mode, skip=0.0):
     adapter = adapter_for(model.config)
     cfg = adapter.router_config(model.config)
 
@@ -68,6 +75,8 @@ def install_reference(model, mask, mode):
             logits = logits + self.bias.double()
         bias = getattr(self, "e_score_correction_bias", None)
         rows = [reference_route_token(row, self.ref_kept, cfg, bias, mode) for row in logits]
+        if skip:
+            rows = [(reference_skip(w, skip, cfg.renormalize), ids) for w, ids in rows]
         weights = torch.tensor([r[0] for r in rows], dtype=hidden_states.dtype)
         ids = torch.tensor([r[1] for r in rows], dtype=torch.long)
         return logits.to(hidden_states.dtype), weights, ids
@@ -176,3 +185,36 @@ def test_bad_masks_are_refused(layers, message):
 def test_unsupported_family_names_the_supported_ones():
     with pytest.raises(UnsupportedFamily, match="supported: deepseek_v3, gpt_oss, mixtral, olmoe, qwen2_moe, qwen3_moe"):
         adapter_for("llama")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_skipping_equals_reference_and_skips_the_calls(family):
+    model = tiny_model(family, seed=2)
+    reference = tiny_model(family, seed=2)
+    adapter = adapter_for(model.config)
+    routers = [adapter.router(block) for _, block in adapter.moe_blocks(model)]
+    mask = random_mask(model, 3, 5)
+    restrict(model, mask)
+    unskipped = logits(model, 3)
+    restrict(model, mask, skip_ratio=0.0)
+    assert torch.equal(logits(model, 3), unskipped)  # ratio 0 is no skipping, bit for bit
+    assert all(int(r.domex_skipped) == 0 for r in routers)
+    computed = []
+    for _, block in adapter.moe_blocks(model):  # pairs the experts module really computes
+        block.experts.register_forward_pre_hook(
+            lambda mod, args: computed.append(int((args[1] < mod.num_experts).sum())))
+    for ratio in (0.3, 0.9):
+        restrict(model, mask, skip_ratio=ratio)
+        install_reference(reference, mask, "renormalize", skip=ratio)
+        before = sum(int(r.domex_skipped) for r in routers), sum(r.domex_calls for r in routers)
+        computed.clear()
+        ours, ref = logits(model, 3), logits(reference, 3)
+        diff = (ours - ref).abs().max().item()
+        print(f"{family} skip={ratio} max_abs_diff={diff:.3g}")
+        assert diff <= 1e-5
+        skipped = sum(int(r.domex_skipped) for r in routers) - before[0]
+        calls = sum(r.domex_calls for r in routers) - before[1]
+        assert skipped > 0 and sum(computed) == calls - skipped  # dropped pairs reach the experts as sentinels
+    assert not torch.allclose(ours, unskipped)
+    unrestrict(model)
+    assert not any(block.experts._is_expert_parallel for _, block in adapter.moe_blocks(model))

@@ -111,3 +111,21 @@ def test_metrics_count_requests_matches_and_loads(server):
     assert "domex_requests_total" in text and "domex_bytes_loaded_total" in text and "domex_resident_bytes" in text
     loaded = float(next(l.split()[-1] for l in text.splitlines() if l.startswith("domex_bytes_loaded_total")))
     assert loaded > 0
+
+
+def test_skip_ratio_drops_expert_calls_and_says_how_many(tmp_path):
+    pool, store = pool_and_store(tmp_path, tiny_checkpoint(tmp_path / "model"))
+    port = free_port()
+    proc = start_server(pool, store, port, "--skip-ratio", "0.6")
+    try:
+        url = f"http://127.0.0.1:{port}"
+        r = httpx.post(f"{url}/v1/completions", json={"prompt": QUERIES["cooking"], "max_tokens": 6}, timeout=60)
+        assert r.status_code == 200
+        metrics = {line.split()[0]: float(line.split()[1]) for line in httpx.get(f"{url}/metrics").text.splitlines()
+                   if line.startswith("domex_expert_calls")}
+        assert 0 < metrics["domex_expert_calls_skipped"] < metrics["domex_expert_calls"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+    with pytest.raises(RuntimeError, match=r"--skip-ratio 1.5 must lie between 0 and 1"):
+        start_server(pool, store, free_port(), "--skip-ratio", "1.5")

@@ -17,7 +17,7 @@ import torch
 from domex.errors import UnsupportedFamily
 from domex.store.mask import Mask
 
-from ..routing import restrict_router, unrestrict_router
+from ..routing import honour_sentinels, restrict_router, unrestrict_router
 from . import deepseek_v3, gpt_oss, mixtral, olmoe, qwen2_moe, qwen3_moe
 from .base import Adapter, FusedLayout, PerExpertLayout, softmax_router
 
@@ -39,14 +39,16 @@ def adapter_for(config) -> Adapter:
     return FAMILIES[model_type]
 
 
-def restrict(model: torch.nn.Module, mask: Mask, *, mode: str = "renormalize") -> None:
-    """Restrict every MoE layer of a stock transformers model to the mask's experts, in place."""
+def restrict(model: torch.nn.Module, mask: Mask, *, mode: str = "renormalize", skip_ratio: float = 0.0) -> None:
+    """Restrict every MoE layer of a stock transformers model to the mask's experts, in place;
+    `skip_ratio` > 0 also drops selected experts of small weight (routing.py, dynamic skipping)."""
     adapter = adapter_for(model.config)
     cfg = adapter.router_config(model.config)
     blocks = adapter.moe_blocks(model)
     mask.check(len(blocks), cfg.num_experts, cfg.top_k)
     for (_, block), kept in zip(blocks, mask.layers):
-        restrict_router(adapter.router(block), cfg, kept, mode=mode)
+        restrict_router(adapter.router(block), cfg, kept, mode=mode, skip_ratio=skip_ratio)
+        honour_sentinels(adapter.experts(block), skip_ratio > 0)
 
 
 def unrestrict(model: torch.nn.Module) -> None:
@@ -54,3 +56,4 @@ def unrestrict(model: torch.nn.Module) -> None:
     adapter = adapter_for(model.config)
     for _, block in adapter.moe_blocks(model):
         unrestrict_router(adapter.router(block))
+        honour_sentinels(adapter.experts(block), False)

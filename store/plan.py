@@ -1,0 +1,152 @@
+"""Resident plans: per MoE layer, which experts are resident at which tier (DESIGN §11).
+
+A mask says which experts stay; a plan also says at what precision: the pool's own dtype (e.g.
+bfloat16), int8 or int4 (runtime/quant.py). Like a mask it is derived at serve time from the
+domain's stored scores, so a new memory budget needs no re-indexing.
+
+Allocation under a byte budget (`allocate`), per layer with an equal share of the bytes (the
+`uniform` rule of masks, in bytes):
+  1. value of expert e at tier t: score_e x (1 - err_e,t), err = the relative Frobenius error of
+     e's dequantised weights at t (0 for the pool's dtype), measured when the pool was built;
+  2. the top_k best-scored experts enter at the cheapest tier (every layer keeps top_k real experts;
+     a budget that cannot hold them is an error);
+  3. then greedily: among every move of one expert to a dearer tier (or in, from nothing), take the
+     one with the most value gained per byte added that still fits; stop when none fits.
+Ties go to the lower expert id.
+
+Legend: L MoE layers, E routed experts.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+
+from domex.errors import BudgetError, MaskError
+
+from .budget import Budget, domain_scores
+from .mask import Mask
+from .scores import PRIMARY
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Per layer, the resident experts and the tier each is held at."""
+
+    num_experts: int
+    layers: tuple[tuple[tuple[int, str], ...], ...]  # [L] ((expert, tier), ...) sorted by expert
+
+    @classmethod
+    def of(cls, num_experts: int, layers: list[dict[int, str]]) -> "Plan":
+        return cls(int(num_experts), tuple(tuple(sorted((int(e), str(t)) for e, t in layer.items())) for layer in layers))
+
+    @classmethod
+    def uniform(cls, mask: Mask, tier: str) -> "Plan":
+        """Every expert of a mask at one tier."""
+        return cls.of(mask.num_experts, [{e: tier for e in kept} for kept in mask.layers])
+
+    @property
+    def mask(self) -> Mask:
+        """The resident experts, whatever their tier: what the router may choose."""
+        return Mask.of(self.num_experts, [[e for e, _ in layer] for layer in self.layers])
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def at(self, tier: str) -> list[list[int]]:
+        """[L] the experts held at `tier`."""
+        return [[e for e, t in layer if t == tier] for layer in self.layers]
+
+    def tiers(self) -> list[str]:
+        return sorted({t for layer in self.layers for _, t in layer})
+
+    def counts(self) -> dict[str, int]:
+        """tier -> experts held at it over all layers."""
+        out: dict[str, int] = {}
+        for layer in self.layers:
+            for _, t in layer:
+                out[t] = out.get(t, 0) + 1
+        return out
+
+    def bytes(self, tier_bytes: dict[str, int]) -> int:
+        """Resident bytes of the plan's experts, given one expert's bytes at each tier."""
+        return sum(n * tier_bytes[t] for t, n in self.counts().items())
+
+    def to_json(self) -> dict:
+        return {"num_experts": self.num_experts, "layers": [{str(e): t for e, t in layer} for layer in self.layers]}
+
+    @classmethod
+    def from_json(cls, data: dict, where: str = "plan") -> "Plan":
+        try:
+            return cls.of(data["num_experts"], [{int(e): t for e, t in layer.items()} for layer in data["layers"]])
+        except (KeyError, TypeError, ValueError, AttributeError):
+            raise MaskError(f"{where}: not a plan (want {{\"num_experts\": E, \"layers\": [{{\"expert\": \"tier\"}}, ...]}})") from None
+
+    def dumps(self) -> str:
+        return json.dumps(self.to_json())
+
+
+def allocate(scores: np.ndarray, budget_bytes: int, tier_bytes: dict[str, int], errors: dict[str, np.ndarray],
+             top_k: int) -> Plan:
+    """The plan of the module docstring for one domain's scores [L, E] under `budget_bytes` in all.
+
+    tier_bytes: one expert's bytes per tier; errors: tier -> [L, E] relative weight error (absent: 0).
+    """
+    L, E = scores.shape
+    per_layer = budget_bytes / L
+    order = sorted(tier_bytes, key=lambda t: tier_bytes[t])  # cheapest first
+    cheapest = order[0]
+    if top_k * tier_bytes[cheapest] > per_layer:
+        raise BudgetError(f"a byte budget of {budget_bytes:,} gives each of the {L} MoE layers {per_layer:,.0f} bytes, "
+                          f"less than top_k={top_k} experts at the cheapest tier ({cheapest}: {tier_bytes[cheapest]:,} "
+                          "bytes each); raise the budget")
+    layers = []
+    for l in range(L):
+        s = np.maximum(scores[l].astype(np.float64), 0.0)
+        value = {t: s * (1.0 - (errors[t][l] if t in errors else 0.0)) for t in order}  # tier -> [E]
+        held: dict[int, str] = {}
+        for e in sorted(range(E), key=lambda e: (-s[e], e))[:top_k]:
+            held[e] = cheapest
+        used = top_k * tier_bytes[cheapest]
+        while True:
+            best, best_gain = None, 0.0
+            for e in range(E):
+                now = held.get(e)
+                v0, b0 = (value[now][e], tier_bytes[now]) if now else (0.0, 0)
+                for t in order[order.index(now) + 1:] if now else order:
+                    extra = tier_bytes[t] - b0
+                    gain = (value[t][e] - v0) / extra
+                    if used + extra <= per_layer and gain > best_gain:
+                        best, best_gain = (e, t, extra), gain
+            if best is None:
+                break
+            e, t, extra = best
+            held[e] = t
+            used += extra
+        layers.append(held)
+    return Plan.of(E, layers)
+
+
+def memory_bytes(memory: Budget | str, num_layers: int, num_experts: int, expert_bytes: int) -> int:
+    """A memory budget in bytes: bytes as given, or a fraction of every routed expert at the pool's dtype."""
+    memory = memory if isinstance(memory, Budget) else Budget.parse(memory)
+    if memory.kind == "count":
+        raise BudgetError(f"memory budget {memory.text!r} is a count of experts; give a share of the expert bytes "
+                          "('25%') or bytes ('2MiB')")
+    full = num_layers * num_experts * expert_bytes
+    return int(memory.value * full) if memory.kind == "fraction" else int(memory.value)
+
+
+def domain_plan(patterns: list, memory: Budget | str, tier_bytes: dict[str, int], errors: dict[str, np.ndarray] | None = None,
+                criterion: str = PRIMARY, base_bytes: int | None = None) -> Plan:
+    """The plan of one domain (or several merged) under a memory budget, over the tiers of `tier_bytes`.
+
+    A fraction is of the full expert bytes at the pool's dtype (`base_bytes` per expert, default the
+    dearest tier's)."""
+    scores, _ = domain_scores(patterns, criterion)
+    L, E = scores.shape
+    total = memory_bytes(memory, L, E, base_bytes or max(tier_bytes.values()))
+    return allocate(scores, total, tier_bytes, errors or {}, int(patterns[0].settings["top_k"]))
