@@ -16,7 +16,7 @@ import torch
 from domex.store.budget import Budget
 from domex.errors import CacheTooSmall
 from domex.store.mask import Mask
-from domex.store.plan import Plan
+from domex.store.plan import NOVICE, Plan
 
 from . import device as dev
 from .checkpoint import dtype_of
@@ -150,7 +150,7 @@ class ExpertCache:
         """Refuse a plan whose quantised experts the cache has no slots (or the pool no tier) for."""
         m = self.pool.manifest
         for name in plan.tiers():
-            if name == m.base_tier:
+            if name in (m.base_tier, NOVICE):
                 continue
             m.tier_bytes(name)  # the pool must hold the tier
             have = self.tiers[name].num_slots if name in self.tiers else 0
@@ -169,7 +169,10 @@ class ExpertCache:
             offsets[name] = offset
             offset += tier.num_slots
         for e, name in plan.layers[l]:
-            ids[e] = self._slot_of[l][e] if name == self.pool.manifest.base_tier else offsets[name] + self.tiers[name].slot_of[l][e]
+            if name == self.pool.manifest.base_tier:
+                ids[e] = self._slot_of[l][e]
+            elif name != NOVICE:
+                ids[e] = offsets[name] + self.tiers[name].slot_of[l][e]
         return ids.to(self.device)
 
     def tier_of(self, slot_id: int, l: int) -> tuple["TierSlots", int]:

@@ -17,19 +17,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from domex.store.budget import Budget
 from domex.errors import MaskError, PoolError
 from domex.store.mask import Mask
-from domex.store.plan import Plan
+from domex.store.plan import NOVICE, Plan
 
 from . import device as dev
 from .cache import ExpertCache, LoadReport
 from .checkpoint import dtype_of
 from .pool import Pool, load_skeleton, load_tokenizer, open_pool
 from .quant import decode
-from .routing import allow_rows, check_mode, check_skip_ratio, honour_sentinels, restrict_router
+from .routing import add_novices, allow_rows, check_mode, check_skip_ratio, honour_sentinels, restrict_router
 
 
 @dataclass(frozen=True)
@@ -95,16 +96,24 @@ class Engine:
         engine.skip_ratio = skip_ratio
         return engine
 
-    def ensure(self, wanted: Mask | Plan) -> LoadReport:
+    def ensure(self, wanted: Mask | Plan, novices: np.ndarray | None = None) -> LoadReport:
         """Make a mask's experts (or a plan's, each at its tier) resident, reading only missing ones, and restrict
-        every router to them."""
+        every router to them. A plan's novices answer with their vectors in `novices` [L, E, H] (the pattern's)."""
+        plan = wanted if isinstance(wanted, Plan) else None
+        if plan is not None and any(plan.at(NOVICE)) and novices is None:
+            raise MaskError("the plan has novices but no novice vectors were given (pass the pattern's novices)")
         report = self.cache.make_resident(wanted)
-        mask = wanted.mask if isinstance(wanted, Plan) else wanted
+        mask = plan.mask if plan else wanted
         blocks = self.pool.adapter.moe_blocks(self.model)
         for l, ((_, block), kept) in enumerate(zip(blocks, mask.layers)):
-            slot_of = self.cache.plan_slots(wanted, l) if isinstance(wanted, Plan) else self.cache.slot_of[l]
-            restrict_router(self.pool.adapter.router(block), self._router_cfg, kept, slot_of=slot_of, mode=self.mode,
-                            skip_ratio=self.skip_ratio, sentinel=self.cache.num_slots + self.cache.scratch)
+            slot_of = self.cache.plan_slots(plan, l) if plan else self.cache.slot_of[l]
+            vectors = {e: novices[l, e] for e in plan.at(NOVICE)[l]} if plan and novices is not None else None
+            router = self.pool.adapter.router(block)
+            restrict_router(router, self._router_cfg, kept, slot_of=slot_of, mode=self.mode, skip_ratio=self.skip_ratio,
+                            sentinel=self.cache.num_slots + self.cache.scratch, novices=vectors)
+            if vectors:
+                add_novices(self.pool.adapter.experts(block), router)
+                honour_sentinels(self.pool.adapter.experts(block))
         self.mask = wanted
         self.loads += 1
         return report

@@ -231,6 +231,7 @@ def register(pool_or_model, store: Store | str | Path, domain: str, demos, crite
         else:
             model = subject.load_model()
             stats = observe(model, sequences, progress=lambda it: bar(it, "demo"))
+        novices, fit = stats.novices() if stats.output_sum is not None else (None, None)
         pattern = Pattern(
             name=domain,
             fingerprint=subject.fingerprint,
@@ -243,6 +244,8 @@ def register(pool_or_model, store: Store | str | Path, domain: str, demos, crite
                 "num_layers": stats.shape[0], "family": adapter.model_type, "chat_template": chat_template_id(subject.tokenizer),
                 "max_len": limit, "streaming": streaming, "expert_bytes": _expert_bytes(model, adapter),
             },
+            novices=novices,
+            novice_fit=fit,
         )
         store.register(pattern, replace=replace)
     finally:

@@ -44,11 +44,18 @@ class _Sums:
         self.gn_sum = torch.zeros_like(self.count)
         self.easyep_sum = torch.zeros_like(self.count)
         self.prob_sum = torch.zeros_like(self.count)
+        self.sq_norm_sum = torch.zeros_like(self.count)
+        self.output_sum = None  # [L, E, H], allocated at the first output (H known then)
         self.tokens = 0
 
-    def add(self, l: int, ids: torch.Tensor, g: torch.Tensor, n: torch.Tensor, c: torch.Tensor, p: torch.Tensor):
-        """One layer's tokens: ids, g, n [T, k]; c [T]; p [T, E]."""
+    def add(self, l: int, ids: torch.Tensor, g: torch.Tensor, n: torch.Tensor, c: torch.Tensor, p: torch.Tensor,
+            y: torch.Tensor):
+        """One layer's tokens: ids, g, n [T, k]; c [T]; p [T, E]; y [T, k, H] unweighted expert outputs."""
         flat = ids.reshape(-1)  # [T*k]
+        if self.output_sum is None:
+            self.output_sum = torch.zeros((*self.count.shape, y.shape[-1]), dtype=torch.float64, device=self.count.device)
+        self.output_sum[l].index_add_(0, flat, y.reshape(flat.numel(), -1).double())
+        self.sq_norm_sum[l].index_add_(0, flat, n.double().pow(2).reshape(-1))
         g = g.double()
         gn = g * n.double()  # [T, k]
         self.count[l].index_add_(0, flat, torch.ones_like(flat, dtype=torch.float64))
@@ -60,7 +67,7 @@ class _Sums:
     def to_stats(self) -> Stats:
         arr = lambda t: t.detach().cpu().numpy().astype(np.float64)  # noqa: E731
         return Stats(arr(self.count), arr(self.gate_sum), arr(self.gn_sum), arr(self.easyep_sum), arr(self.prob_sum),
-                     int(self.tokens))
+                     int(self.tokens), None if self.output_sum is None else arr(self.output_sum), arr(self.sq_norm_sum))
 
 
 def contribution(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
@@ -160,7 +167,7 @@ class Observer:
         n = y.norm(dim=-1)  # [T, k]
         c = contribution(x, r)  # [T]
         p = router_probs(logits, self.cfg)  # [T, E]
-        self.sums.add(l, ids, g.float(), n, c, p)
+        self.sums.add(l, ids, g.float(), n, c, p, y)
 
     # -- results --------------------------------------------------------------------------------
 

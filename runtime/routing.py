@@ -25,6 +25,10 @@ scaled back to the row's total (1, or DeepSeek's routed scaling factor). A dropp
 sentinel slot S (one past the last slot), which transformers' experts implementations skip without
 computing it (the expert-parallel sentinel path, switched on by `honour_sentinels`). b = 0 changes nothing.
 
+Novices (MoNE, DESIGN §11): a pruned expert with a novice vector v_e stays choosable; its pairs go to
+the sentinel too, and the router keeps sum over them of g x v_e [T, H], which a hook on the experts
+module adds to the routed output (`add_novices`), so a token routed to it receives g x v_e.
+
 Legend: T tokens, E routed experts, k top_k, G groups.
 """
 
@@ -142,6 +146,18 @@ def honour_sentinels(experts: torch.nn.Module, on: bool = True) -> None:
     experts._is_expert_parallel = on
 
 
+def add_novices(experts: torch.nn.Module, router: torch.nn.Module) -> None:
+    """Add the router's novice output (if it kept one in this forward) to the experts module's output; once per module."""
+    if getattr(experts, "domex_novice_hook", None) is not None:
+        return
+
+    def hook(module, args, output):
+        extra = getattr(router, "domex_novice_out", None)
+        return output if extra is None else output + extra.to(output.dtype)
+
+    experts.domex_novice_hook = experts.register_forward_hook(hook)
+
+
 def router_probs(logits: torch.Tensor, cfg: RouterConfig) -> torch.Tensor:
     """Router probabilities over all E before top-k, fp32 [T, E]: what the observer's `tcess` sums.
 
@@ -172,12 +188,18 @@ def _restricted_forward(self, hidden_states):
     weights, ids = route(logits, allowed, cfg, bias=getattr(self, "e_score_correction_bias", None),
                          mode=self.domex_mode)
     slots = self.domex_slot_of[ids]  # [T, k]
+    novices = self.domex_novices  # [E, H] or None
+    if novices is not None:
+        slots = slots.masked_fill(self.domex_is_novice[ids], self.domex_sentinel)
     assert bool((slots >= 0).all()), "a selected expert is not resident"
     if self.domex_skip_ratio > 0:
         weights, keep = skip_small(weights, self.domex_skip_ratio, cfg.renormalize)
         slots = slots.masked_fill(~keep, self.domex_sentinel)
         self.domex_calls += keep.numel()
         self.domex_skipped += (~keep).sum()
+    if novices is not None:
+        g = weights.float() * self.domex_is_novice[ids]  # [T, k]: weights of the novice pairs only
+        self.domex_novice_out = (g[..., None] * novices[ids]).sum(dim=1)  # [T, H]
     if cfg.cast_weights:
         weights = weights.to(logits.dtype)
     return logits, weights, slots
@@ -185,17 +207,28 @@ def _restricted_forward(self, hidden_states):
 
 def restrict_router(router: torch.nn.Module, cfg: RouterConfig, kept: tuple[int, ...], *,
                     slot_of: torch.Tensor | None = None, mode: str = "renormalize", skip_ratio: float = 0.0,
-                    sentinel: int | None = None) -> None:
+                    sentinel: int | None = None, novices: dict[int, torch.Tensor] | None = None) -> None:
     """Make `router` choose only among `kept`; `slot_of[E]` maps expert id -> resident slot (-1: absent).
 
     With `skip_ratio` > 0, dropped pairs go to slot `sentinel` (default: E, past a stock experts module's
     last expert); the experts module must honour sentinels. `domex_calls` / `domex_skipped` count pairs.
+    `novices`: expert id -> its novice vector [H] (experts that are choosable but answered by the vector;
+    they must not be in `kept`); the experts module needs `add_novices`.
     """
     check_mode(mode)
     check_skip_ratio(skip_ratio)
     device = router.weight.device
     allowed = torch.zeros(cfg.num_experts, dtype=torch.bool, device=device)
     allowed[list(kept)] = True
+    router.domex_novices = router.domex_novice_out = None
+    if novices:
+        router.domex_is_novice = torch.zeros(cfg.num_experts, dtype=torch.bool, device=device)
+        router.domex_is_novice[list(novices)] = True
+        allowed |= router.domex_is_novice
+        vectors = torch.zeros(cfg.num_experts, next(iter(novices.values())).shape[-1], device=device)  # [E, H] fp32
+        for e, v in novices.items():
+            vectors[e] = torch.as_tensor(v, dtype=torch.float32, device=device)
+        router.domex_novices = vectors
     if slot_of is None:
         slot_of = torch.arange(cfg.num_experts, device=device)
     router.register_buffer("domex_allowed", allowed, persistent=False)
@@ -218,5 +251,5 @@ def unrestrict_router(router: torch.nn.Module) -> None:
     for name in ("domex_allowed", "domex_slot_of"):
         router._buffers.pop(name, None)
     for name in ("domex_config", "domex_mode", "domex_skip_ratio", "domex_sentinel", "domex_calls", "domex_skipped",
-                 "forward"):
+                 "domex_novices", "domex_is_novice", "domex_novice_out", "forward"):
         router.__dict__.pop(name, None)

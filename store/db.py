@@ -303,9 +303,16 @@ class Store:
             if value is None:
                 raise StoreError(f"store {self.path}: domain {name!r} lacks scores {criterion!r}; the store is corrupt, re-register it")
             scores[criterion] = decode_array(value, where=f"{self.path}:scores/{key}")
+        extras = {}
+        for extra in record.get("extras", []):
+            key = f"{name}/~{extra}"
+            value = txn.get(key.encode(), db=self._dbs["scores"])
+            if value is None:
+                raise StoreError(f"store {self.path}: domain {name!r} lacks its {extra}; the store is corrupt, re-register it")
+            extras[extra] = decode_array(value, where=f"{self.path}:scores/{key}")
         demos = json.loads(bytes(txn.get(name.encode(), db=self._dbs["demos"])))
         embeddings = decode_array(txn.get(name.encode(), db=self._dbs["embeddings"]), where=f"{self.path}:embeddings/{name}")
-        return Pattern.from_parts(record, scores, demos, embeddings)
+        return Pattern.from_parts(record, scores, demos, embeddings, extras)
 
     def snapshot(self) -> Snapshot:
         """All domains of the current generation, consistent with each other (one read transaction).
@@ -344,6 +351,8 @@ class Store:
     def _drop(self, txn, name: str, record: dict) -> None:
         for criterion in record["criteria"]:
             txn.delete(f"{name}/{criterion}".encode(), db=self._dbs["scores"])
+        for extra in record.get("extras", []):
+            txn.delete(f"{name}/~{extra}".encode(), db=self._dbs["scores"])
         for sub in ("domains", "demos", "embeddings"):
             txn.delete(name.encode(), db=self._dbs[sub])
 
@@ -356,6 +365,7 @@ class Store:
         name = check_name(pattern.name)
         key = name.encode()
         scores = {c: encode_array(s) for c, s in pattern.scores.items()}  # encode outside the txn: keep it short
+        scores.update({f"~{n}": encode_array(a) for n, a in pattern.extras().items()})
         embeddings = encode_array(pattern.embeddings)
         demos = _json(pattern.demos)
         dim = pattern.embeddings.shape[1]

@@ -1,6 +1,6 @@
 """Pattern: one domain's record (scores per criterion, demos, embeddings, settings) and its byte form (DESIGN §2, §7).
 
-Shape legend: L MoE layers, E routed experts, N demos, D embedding dimension.
+Shape legend: L MoE layers, E routed experts, N demos, D embedding dimension, H hidden size.
 
 Bytes are JSON for records and a small self-describing array format for matrices:
 
@@ -24,6 +24,7 @@ from domex.errors import InvalidName, ScoreError, StoreError
 _DTYPES = {"<f4": np.dtype("<f4"), "<f8": np.dtype("<f8"), "<i8": np.dtype("<i8")}
 _HEADER = struct.Struct("<I")
 _MAX_HEADER = 4096
+EXTRAS = ("novices", "novice_fit")  # optional arrays of a pattern, stored beside its scores as "<name>/~<extra>"
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")  # used with fullmatch: "$" would let "ok\n" through
 
 
@@ -88,6 +89,11 @@ class Pattern:
     settings: dict = field(default_factory=dict)  # criteria, seed, top_k, num_experts, num_layers, family, chat_template, max_len...
     created: str = field(default_factory=now)
     updated: str = field(default_factory=now)
+    # novices (MoNE, DESIGN §11): each expert's mean unweighted output over the demo tokens routed to it, and the
+    # share of those outputs' energy the mean keeps (|v|^2 / mean |y|^2, 0 for an expert no token reached).
+    # Absent in patterns registered before novices existed.
+    novices: np.ndarray | None = None  # float32 [L, E, H]
+    novice_fit: np.ndarray | None = None  # float32 [L, E]
 
     def __post_init__(self):
         check_name(self.name)
@@ -108,12 +114,21 @@ class Pattern:
             )
         object.__setattr__(self, "scores", scores)
         object.__setattr__(self, "embeddings", embeddings)
+        for name, value in self.extras().items():
+            value = np.ascontiguousarray(value, dtype=np.float32)
+            if value.shape[:2] != self.shape:
+                raise StoreError(f"pattern {self.name!r}: {name} of shape {value.shape} do not match the scores' {self.shape}")
+            object.__setattr__(self, name, value)
         object.__setattr__(self, "demos", [dict(d) for d in self.demos])
 
     @property
     def shape(self) -> tuple[int, int]:
         """(L, E) of the score matrices."""
         return next(iter(self.scores.values())).shape
+
+    def extras(self) -> dict[str, np.ndarray]:
+        """The optional arrays this pattern holds, by field name."""
+        return {n: getattr(self, n) for n in EXTRAS if getattr(self, n) is not None}
 
     @property
     def criteria(self) -> tuple[str, ...]:
@@ -141,10 +156,12 @@ class Pattern:
             "shape": list(self.shape),
             "num_demos": len(self.demos),
             "embedding_dim": int(self.embeddings.shape[1]),
+            "extras": list(self.extras()),
         }
 
     @classmethod
-    def from_parts(cls, record: dict, scores: dict[str, np.ndarray], demos: list[dict], embeddings: np.ndarray) -> "Pattern":
+    def from_parts(cls, record: dict, scores: dict[str, np.ndarray], demos: list[dict], embeddings: np.ndarray,
+                   extras: dict[str, np.ndarray] | None = None) -> "Pattern":
         """Rebuild from record() and the arrays, checking they belong together."""
         name = record["name"]
         for c, s in scores.items():
@@ -162,4 +179,5 @@ class Pattern:
             settings=record["settings"],
             created=record["created"],
             updated=record["updated"],
+            **(extras or {}),
         )

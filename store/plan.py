@@ -1,15 +1,18 @@
 """Resident plans: per MoE layer, which experts are resident at which tier (DESIGN §11).
 
 A mask says which experts stay; a plan also says at what precision: the pool's own dtype (e.g.
-bfloat16), int8 or int4 (runtime/quant.py). Like a mask it is derived at serve time from the
-domain's stored scores, so a new memory budget needs no re-indexing.
+bfloat16), int8 or int4 (runtime/quant.py), or as a novice: a pruned expert that stays choosable
+and answers every token with g x its mean output v_e (MoNE; v_e is in the pattern, H values). Like a
+mask it is derived at serve time from the domain's stored scores, so a new memory budget needs no
+re-indexing.
 
 Allocation under a byte budget (`allocate`), per layer with an equal share of the bytes (the
 `uniform` rule of masks, in bytes):
   1. value of expert e at tier t: score_e x (1 - err_e,t), err = the relative Frobenius error of
-     e's dequantised weights at t (0 for the pool's dtype), measured when the pool was built;
-  2. the top_k best-scored experts enter at the cheapest tier (every layer keeps top_k real experts;
-     a budget that cannot hold them is an error);
+     e's dequantised weights at t (0 for the pool's dtype), measured when the pool was built; for a
+     novice, err = 1 - fit_e, the share of e's output energy its mean does not keep (in the pattern);
+  2. the top_k best-scored experts enter at the cheapest real tier (every layer keeps top_k real
+     experts; a budget that cannot hold them is an error);
   3. then greedily: among every move of one expert to a dearer tier (or in, from nothing), take the
      one with the most value gained per byte added that still fits; stop when none fits.
 Ties go to the lower expert id.
@@ -30,6 +33,8 @@ from .budget import Budget, domain_scores
 from .mask import Mask
 from .scores import PRIMARY
 
+NOVICE = "novice"  # the pseudo-tier of an expert answered by its novice vector
+
 
 @dataclass(frozen=True)
 class Plan:
@@ -49,8 +54,8 @@ class Plan:
 
     @property
     def mask(self) -> Mask:
-        """The resident experts, whatever their tier: what the router may choose."""
-        return Mask.of(self.num_experts, [[e for e, _ in layer] for layer in self.layers])
+        """The resident experts, whatever their tier (novices are not resident: they are vectors)."""
+        return Mask.of(self.num_experts, [[e for e, t in layer if t != NOVICE] for layer in self.layers])
 
     @property
     def num_layers(self) -> int:
@@ -98,7 +103,7 @@ def allocate(scores: np.ndarray, budget_bytes: int, tier_bytes: dict[str, int], 
     L, E = scores.shape
     per_layer = budget_bytes / L
     order = sorted(tier_bytes, key=lambda t: tier_bytes[t])  # cheapest first
-    cheapest = order[0]
+    cheapest = next(t for t in order if t != NOVICE)
     if top_k * tier_bytes[cheapest] > per_layer:
         raise BudgetError(f"a byte budget of {budget_bytes:,} gives each of the {L} MoE layers {per_layer:,.0f} bytes, "
                           f"less than top_k={top_k} experts at the cheapest tier ({cheapest}: {tier_bytes[cheapest]:,} "
@@ -141,12 +146,20 @@ def memory_bytes(memory: Budget | str, num_layers: int, num_experts: int, expert
 
 
 def domain_plan(patterns: list, memory: Budget | str, tier_bytes: dict[str, int], errors: dict[str, np.ndarray] | None = None,
-                criterion: str = PRIMARY, base_bytes: int | None = None) -> Plan:
-    """The plan of one domain (or several merged) under a memory budget, over the tiers of `tier_bytes`.
+                criterion: str = PRIMARY, base_bytes: int | None = None, novice_bytes: int | None = None) -> Plan:
+    """The plan of one domain under a memory budget, over the tiers of `tier_bytes` (plus novices when
+    `novice_bytes` is given and the pattern holds them).
 
     A fraction is of the full expert bytes at the pool's dtype (`base_bytes` per expert, default the
     dearest tier's)."""
     scores, _ = domain_scores(patterns, criterion)
     L, E = scores.shape
     total = memory_bytes(memory, L, E, base_bytes or max(tier_bytes.values()))
-    return allocate(scores, total, tier_bytes, errors or {}, int(patterns[0].settings["top_k"]))
+    errors = dict(errors or {})
+    if novice_bytes is not None:
+        if len(patterns) != 1 or patterns[0].novice_fit is None:
+            raise BudgetError("novices come from one domain's pattern registered with them (re-register the domain; "
+                              "mixed-domain plans take no novices)")
+        tier_bytes = {**tier_bytes, NOVICE: novice_bytes}
+        errors[NOVICE] = 1.0 - patterns[0].novice_fit
+    return allocate(scores, total, tier_bytes, errors, int(patterns[0].settings["top_k"]))

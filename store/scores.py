@@ -27,6 +27,17 @@ class Stats:
     easyep_sum: np.ndarray  # [L, E] sum of g * n * c  (c = max(0, 1 - cos(x, x + r)))
     prob_sum: np.ndarray  # [L, E] sum over tokens of p[t, i] * 1[i selected at t]  (p = router prob before top-k)
     tokens: int  # tokens seen (each layer sees every token)
+    output_sum: np.ndarray | None = None  # [L, E, H] sum of the expert's unweighted outputs y over routed slots
+    sq_norm_sum: np.ndarray | None = None  # [L, E] sum of |y|^2 over routed slots
+
+    def novices(self) -> tuple[np.ndarray, np.ndarray]:
+        """(v [L, E, H], fit [L, E]) float32: each expert's mean output over the tokens routed to it (MoNE's novice),
+        and the share of the outputs' energy the mean keeps, |v|^2 / mean |y|^2 (both 0 where nothing was routed)."""
+        seen = self.count[..., None]  # [L, E, 1]
+        v = np.divide(self.output_sum, seen, out=np.zeros_like(self.output_sum), where=seen > 0)
+        energy = np.divide(self.sq_norm_sum, self.count, out=np.zeros_like(self.sq_norm_sum), where=self.count > 0)
+        fit = np.divide((v ** 2).sum(-1), energy, out=np.zeros_like(energy), where=energy > 0)
+        return v.astype(np.float32), np.clip(fit, 0.0, 1.0).astype(np.float32)
 
     @classmethod
     def zeros(cls, num_layers: int, num_experts: int) -> "Stats":
@@ -59,6 +70,8 @@ class Stats:
             easyep_sum=self.easyep_sum + other.easyep_sum,
             prob_sum=self.prob_sum + other.prob_sum,
             tokens=self.tokens + other.tokens,
+            output_sum=None if self.output_sum is None or other.output_sum is None else self.output_sum + other.output_sum,
+            sq_norm_sum=None if self.sq_norm_sum is None or other.sq_norm_sum is None else self.sq_norm_sum + other.sq_norm_sum,
         )
 
 

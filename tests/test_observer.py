@@ -44,7 +44,8 @@ def reference_sums(model, sequences):
     cfg = adapter.router_config(model.config)
     blocks = adapter.moe_blocks(model)
     L, E = len(blocks), cfg.num_experts
-    sums = {k: [[0.0] * E for _ in range(L)] for k in ("count", "gate_sum", "gn_sum", "easyep_sum", "prob_sum")}
+    sums = {k: [[0.0] * E for _ in range(L)] for k in ("count", "gate_sum", "gn_sum", "easyep_sum", "prob_sum", "sq_norm_sum")}
+    sums["output_sum"] = [[torch.zeros(model.config.hidden_size, dtype=torch.float64) for _ in range(E)] for _ in range(L)]
     seen = {}
     handles = []
     for l, (i, block) in enumerate(blocks):
@@ -82,6 +83,8 @@ def reference_sums(model, sequences):
                         sums["gn_sum"][l][e] += g * n
                         sums["easyep_sum"][l][e] += g * n * c
                         sums["prob_sum"][l][e] += p[e]
+                        sums["sq_norm_sum"][l][e] += n * n
+                        sums["output_sum"][l][e] += y
     finally:
         for h in handles:
             h.remove()
@@ -109,8 +112,17 @@ def test_criteria_match_per_token_reference(family):
     stats = observe(model, seqs)
     sums, n = reference_sums(model, seqs)
     assert stats.tokens == n
+    sums["output_sum"] = [[v.numpy() for v in layer] for layer in sums["output_sum"]]
     for name in sums:
         np.testing.assert_allclose(getattr(stats, name), np.array(sums[name]), rtol=1e-4, atol=1e-6, err_msg=name)
+    v, fit = stats.novices()  # the novice of each expert: its mean output, and the energy share the mean keeps
+    count = np.array(sums["count"])[..., None]
+    mean = np.where(count > 0, np.array(sums["output_sum"]) / np.maximum(count, 1), 0.0)
+    np.testing.assert_allclose(v, mean, rtol=1e-4, atol=1e-6)
+    energy = np.array(sums["sq_norm_sum"]) / np.maximum(count[..., 0], 1)
+    np.testing.assert_allclose(fit, np.where(count[..., 0] > 0, (mean ** 2).sum(-1) / np.maximum(energy, 1e-30), 0.0),
+                               rtol=1e-3, atol=1e-6)
+    assert ((fit >= 0) & (fit <= 1)).all() and fit.max() > 0
     want = reference_criteria(sums, n)
     got = score_all(stats)
     assert set(got) == set(CRITERIA)
