@@ -175,6 +175,10 @@ class ExpertCache:
                 ids[e] = offsets[name] + self.tiers[name].slot_of[l][e]
         return ids.to(self.device)
 
+    def id_count(self) -> int:
+        """How many ids the experts forward may see: base slots, scratch rows, the sentinel, every tier's slots."""
+        return self.num_slots + self.scratch + 1 + sum(t.num_slots for t in self.tiers.values())
+
     def tier_of(self, slot_id: int, l: int) -> tuple["TierSlots", int]:
         """(tier, its slot) of a quantised id from `plan_slots`."""
         offset = self.num_slots + self.scratch + 1

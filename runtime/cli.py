@@ -178,6 +178,9 @@ COMMANDS: dict[str, Command] = {
             "(default: all; matching is cheap); queries and OOD texts are always read whole"),
         arg("--max-tasks", type=int, help="first N checkable tasks per domain (tasks/<domain>.jsonl: exact math "
             "answers, SQL that returns the reference rows); default: all"),
+        arg("--memory", help="also the memory axis at these shares of the full expert bytes, e.g. 12.5%%,25%%,50%%: "
+            "pruned, mixed-precision (the pool's --tiers) and novice plans, each with and without skipping"),
+        arg("--skip-ratio", type=float, help="the skip ratio of the memory axis' +skip methods (default 0.2)"),
         arg("--max-len", type=int, help="truncate passages to this many tokens (default: the model's context)"),
         arg("--batch-size", type=int, default=16, help="passages per forward pass"),
         arg("--domain", action="append", help="evaluate only this domain; repeat (default: every stored domain)"),

@@ -113,6 +113,7 @@ class Engine:
                             sentinel=self.cache.num_slots + self.cache.scratch, novices=vectors)
             if vectors:
                 add_novices(self.pool.adapter.experts(block), router)
+            if vectors or self.skip_ratio > 0:  # their pairs go to the sentinel slot
                 honour_sentinels(self.pool.adapter.experts(block))
         self.mask = wanted
         self.loads += 1

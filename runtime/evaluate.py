@@ -4,6 +4,8 @@
     -> one Engine at 100% slots (ensure() only restricts routing, so every mask runs on it)
     -> per (mask, domain): next-token accuracy and mean NLL, teacher-forced, batched; where the
        domain has checkable tasks (tasks/<domain>.jsonl), task accuracy of greedy generations (runtime/tasks.py)
+    -> memory axis (--memory): per share of the expert bytes, each domain's plan (store/plan.py) for every
+       method of MEMORY_METHODS, with and without dynamic skipping, scored the same way; decode tokens/s per tier
     -> routing: every matcher on held-out passages, user-style queries (queries/<domain>.jsonl)
        and each kind of out-of-domain text (ood/<kind>.jsonl)
     -> results.json, report.md, PNG plots (runtime/report.py); optionally docs/RESULTS.md (+ docs/results/*.png)
@@ -38,14 +40,21 @@ from domex.store.db import Store
 from domex.errors import ConfigError
 from domex.store.mask import Mask
 from domex.store.pattern import Pattern
+from domex.store.plan import NOVICE, Plan
 from domex.store.scores import CRITERIA, PRIMARY, check_criteria
 
+from .checkpoint import dtype_of
 from .indexer import context_length, jaccard
 from .tasks import Task, read_all, task_accuracy
 
 DEFAULT_BUDGETS = ("0.25", "0.5", "0.75")
 DEFAULT_CRITERIA = tuple(CRITERIA)
 RANDOM_SEEDS = (0, 1, 2)
+# method -> (the pool's quantised tiers too?, novices?); each also runs with skipping as "<method>+skip"
+MEMORY_METHODS = {"prune": (False, False), "prune+novices": (False, True), "mixed": (True, False),
+                  "mixed+novices": (True, True)}
+DEFAULT_SKIP = 0.2  # the skip ratio of the "+skip" methods (--skip-ratio)
+SPEED_PROMPTS, SPEED_TOKENS = 8, 32  # decode tokens/s per tier: a batch of 8 prompts, 32 greedy tokens each
 TARGET_BUDGET = 0.5  # DESIGN §8 states the quality targets at 50% of the experts
 BASELINES = ("random", "frequency", "gate_sum", "reap")  # what EASY-EP must beat on most domains
 
@@ -94,6 +103,22 @@ class QualityRow:
     accuracy_std: float = 0.0  # over the random seeds
     task_accuracy: float | None = None  # None where the domain has no checkable tasks
     task_retention: float | None = None  # task accuracy / the full model's (None if that is 0)
+
+
+@dataclass(frozen=True)
+class MemoryRow:
+    """One domain's plan under one memory share and method (DESIGN §11), scored like the masks."""
+
+    domain: str
+    method: str  # a MEMORY_METHODS name, "+skip" when dynamic skipping was on
+    memory: str  # the share of the full expert bytes as written, e.g. "25%"
+    bytes_share: float  # the plan's bytes / every routed expert at the pool's dtype
+    tiers: dict  # tier -> experts held over all layers (novices included)
+    accuracy: float
+    retention: float  # / the full model's accuracy
+    skipped: float  # share of (token, expert) pairs dropped by skipping
+    task_accuracy: float | None = None
+    task_retention: float | None = None
 
 
 @dataclass(frozen=True)
@@ -148,11 +173,22 @@ class Results:
     overlap: dict  # {"criterion", "budget", "labels", "jaccard": [[...]]}
     targets: list[Target]
     seconds: dict = field(default_factory=dict)
+    memory: list[MemoryRow] = field(default_factory=list)
+    speed: dict = field(default_factory=dict)  # tier -> decode tokens/s
+
+    def frontier(self) -> dict:
+        """method -> {memory share as written: mean retention over domains, 0 to 1}."""
+        out: dict = {}
+        for r in self.memory:
+            out.setdefault(r.method, {}).setdefault(r.memory, []).append(r.retention)
+        return {m: {share: float(np.mean(v)) for share, v in shares.items()} for m, shares in out.items()}
 
     def to_json(self) -> dict:
         return {"command": self.command, "machine": self.machine, "setup": self.setup,
                 "quality": [asdict(r) for r in self.quality], "routing": [asdict(r) for r in self.routing],
-                "detection": [asdict(d) for d in self.detection], "overlap": self.overlap, "targets": [asdict(t) for t in self.targets], "seconds": self.seconds}
+                "detection": [asdict(d) for d in self.detection], "overlap": self.overlap, "targets": [asdict(t) for t in self.targets],
+                "memory": [asdict(r) for r in self.memory], "frontier": self.frontier(), "speed": self.speed,
+                "seconds": self.seconds}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -237,21 +273,24 @@ def next_token_stats(logits: torch.Tensor, ids: torch.Tensor, lengths: torch.Ten
     return int((pred.argmax(-1) == target).sum()), nll, int(valid.sum())
 
 
-def score_mask(engine, mask: Mask, data: list[tuple[torch.Tensor, torch.Tensor]], tasks: list[Task] | None = None) -> Score:
-    """Accuracy and NLL of the engine under `mask`, counting the experts its routers actually pick,
-    and the share of `tasks` it solves.
+def score_mask(engine, wanted: Mask | Plan, data: list[tuple[torch.Tensor, torch.Tensor]], tasks: list[Task] | None = None,
+               novices: np.ndarray | None = None) -> Score:
+    """Accuracy and NLL of the engine under a mask (or a plan, with the pattern's novices), counting the experts
+    its routers actually pick, and the share of `tasks` it solves.
 
     The count is the sanity check on restricted routing: every selected expert must be one the
     mask keeps (checked), and `experts_used` shows how much of the mask the domain exercises.
     """
-    engine.ensure(mask)
+    engine.ensure(wanted, novices)
+    mask = wanted.mask if isinstance(wanted, Plan) else wanted
     adapter = engine.pool.adapter
     routers = [adapter.router(block) for _, block in adapter.moe_blocks(engine.model)]
-    counts = [torch.zeros(engine.cache.num_slots, dtype=torch.long) for _ in routers]  # [L][S]
+    width = engine.cache.id_count()
+    counts = [torch.zeros(width, dtype=torch.long) for _ in routers]  # [L][ids]
 
     def counter(l):
         def hook(module, args, output):
-            counts[l] += torch.bincount(output[2].flatten().cpu(), minlength=len(counts[l]))
+            counts[l] += torch.bincount(output[2].flatten().cpu(), minlength=width)
         return hook
 
     handles = [r.register_forward_hook(counter(l)) for l, r in enumerate(routers)]
@@ -265,11 +304,12 @@ def score_mask(engine, mask: Mask, data: list[tuple[torch.Tensor, torch.Tensor]]
             h.remove()
     used = 0
     for l, (slot_counts, kept) in enumerate(zip(counts, mask.layers)):
-        slot_of = engine.cache.slot_of[l].cpu()  # [E] expert -> slot, -1 when absent
+        # [E] expert -> the id the experts forward knows it by, -1 when absent
+        slot_of = (engine.cache.plan_slots(wanted, l) if isinstance(wanted, Plan) else engine.cache.slot_of[l]).cpu()
         experts = {e for e in range(len(slot_of)) if slot_of[e] >= 0 and slot_counts[slot_of[e]] > 0}
         assert experts <= set(kept), f"layer {l}: routed to experts {sorted(experts - set(kept))} outside the mask"
         used += len(experts)
-    solved = task_accuracy(engine, mask, tasks) if tasks else None
+    solved = task_accuracy(engine, tasks) if tasks else None
     return Score(correct / n, nll / n, n, sum(mask.kept_counts()), used, solved)
 
 
@@ -351,6 +391,67 @@ def evaluate_quality(engine, runs: list[Run], data: dict[str, list], tasks: dict
                                round(float(np.mean([s.experts_used for _, s in group]))), float(acc.std()),
                                **task_fields(domain, [s.task_accuracy for _, s in group])))
     return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# the memory axis
+
+
+def memory_plan(pattern: Pattern, manifest, memory: str, quantised: bool, novices: bool) -> tuple[Plan, dict[str, int]]:
+    """The domain's plan for one method (its pool's dtype only, or every tier of the pool; with novices or not),
+    and the bytes of one expert at each tier it may use (a novice: H values at the pool's dtype)."""
+    from domex.store.plan import domain_plan
+
+    tier_bytes, errors = manifest.tier_table(None if quantised else ())
+    novice_bytes = pattern.novices.shape[-1] * torch.empty((), dtype=dtype_of(manifest.base_tier)).element_size() if novices else None
+    plan = domain_plan([pattern], memory, tier_bytes, errors, base_bytes=manifest.expert_bytes, novice_bytes=novice_bytes)
+    return plan, {**tier_bytes, NOVICE: novice_bytes or 0}
+
+
+def evaluate_memory(engine, patterns: dict[str, Pattern], memories: list[str], data: dict[str, list],
+                    tasks: dict[str, list[Task]], full: dict[str, QualityRow], skip_ratio: float = DEFAULT_SKIP,
+                    progress: bool = True) -> list[MemoryRow]:
+    """Every (memory share, method, domain) plan scored with and without skipping; see MemoryRow.
+
+    Methods the pool or the patterns cannot run (no quantised tiers; patterns without novices) are left out."""
+    m = engine.pool.manifest
+    methods = {name: how for name, how in MEMORY_METHODS.items()
+               if (m.tiers or not how[0]) and (not how[1] or all(p.novices is not None for p in patterns.values()))}
+    full_bytes = m.num_layers * m.num_experts * m.expert_bytes
+    jobs = [(memory, method, domain) for memory in memories for method in methods for domain in patterns]
+    rows = []
+    for memory, method, domain in tqdm(jobs, desc="eval memory", unit="plan", disable=not progress):
+        quantised, novices = methods[method]
+        plan, tier_bytes = memory_plan(patterns[domain], m, memory, quantised, novices)
+        for skip in (0.0, skip_ratio):
+            engine.skip_ratio = skip
+            before = engine.stats()
+            s = score_mask(engine, plan, data[domain], tasks.get(domain), patterns[domain].novices if novices else None)
+            after = engine.stats()
+            calls = after.expert_calls - before.expert_calls
+            reference = full[domain]
+            rows.append(MemoryRow(
+                domain, method + ("+skip" if skip else ""), memory, plan.bytes(tier_bytes) / full_bytes, plan.counts(),
+                s.accuracy, s.accuracy / reference.accuracy, (after.expert_calls_skipped - before.expert_calls_skipped) / max(calls, 1),
+                s.task_accuracy, None if s.task_accuracy is None or not reference.task_accuracy
+                else s.task_accuracy / reference.task_accuracy))
+    engine.skip_ratio = 0.0
+    return rows
+
+
+@torch.no_grad()
+def decode_speed(engine, mask: Mask, prompts: list[str]) -> dict[str, float]:
+    """tier -> greedy decode tokens/s of a batch of `prompts` with every expert of `mask` held at that tier."""
+    m = engine.pool.manifest
+    out = {}
+    for tier in [m.base_tier, *m.tiers]:
+        engine.ensure(Plan.uniform(mask, tier))
+        engine.generate(prompts[:2], max_new_tokens=4, do_sample=False, chat_template=False)  # warm up
+        start = time.perf_counter()
+        engine.generate(prompts, max_new_tokens=SPEED_TOKENS, min_new_tokens=SPEED_TOKENS, do_sample=False,
+                        chat_template=False)
+        out[tier] = len(prompts) * SPEED_TOKENS / (time.perf_counter() - start)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -444,11 +545,15 @@ def machine() -> dict:
 
 def evaluate(pool, store, *, budgets=DEFAULT_BUDGETS, criteria=DEFAULT_CRITERIA, eval_dir="patterns/eval",
              max_passages: int | None = None, routing_passages: int | None = None, max_len: int | None = None,
-             batch_size: int = 16, max_tasks: int | None = None, dtype: str = "auto",
-             domains: list[str] | None = None, command: str = "", about: str = "", progress: bool = True) -> Results:
-    """Run the quality and routing evaluations of the module docstring; returns the typed results."""
+             batch_size: int = 16, max_tasks: int | None = None, dtype: str = "auto", memory=(),
+             skip_ratio: float = DEFAULT_SKIP, domains: list[str] | None = None, command: str = "", about: str = "",
+             progress: bool = True) -> Results:
+    """Run the quality, memory-axis and routing evaluations of the module docstring; returns the typed results.
+
+    `memory`: shares of the full expert bytes ("12.5%,25%") for the memory axis; none skips it."""
     from .engine import Engine
     from .match import MATCHERS, make_matcher
+    from .pool import Pool, PoolManifest
 
     t0 = time.perf_counter()
     criteria = check_criteria(criteria.split(",") if isinstance(criteria, str) else criteria)
@@ -460,7 +565,10 @@ def evaluate(pool, store, *, budgets=DEFAULT_BUDGETS, criteria=DEFAULT_CRITERIA,
     if missing:
         raise ConfigError(f"the store's patterns lack scores for {', '.join(missing)}; re-register the domains with "
                           f"--criteria including them, or leave them out of --criteria")
-    engine = Engine.open(pool, budget="100%", fingerprint=store.fingerprint(), dtype=dtype)
+    memories = [x.strip() for x in (memory.split(",") if isinstance(memory, str) else memory) if x.strip()]
+    manifest = pool.manifest if isinstance(pool, Pool) else PoolManifest.from_dir(pool)
+    engine = Engine.open(pool, budget="100%", fingerprint=store.fingerprint(), dtype=dtype,
+                         tier_slots={t: manifest.num_experts for t in manifest.tiers} if memories else None)
     try:
         tok = engine.tokenizer
         context = context_length(engine.model.config, max_len)
@@ -476,6 +584,13 @@ def evaluate(pool, store, *, budgets=DEFAULT_BUDGETS, criteria=DEFAULT_CRITERIA,
         runs = plan(patterns, budgets, criteria)
         t1 = time.perf_counter()
         quality = evaluate_quality(engine, runs, data, tasks, progress)
+        memory_rows, speed = [], {}
+        if memories:
+            full = {r.domain: r for r in quality if r.kind == "full"}
+            memory_rows = evaluate_memory(engine, patterns, memories, data, tasks, full, skip_ratio, progress)
+            prompts = [t for d in names for t in read_split(split_path(eval_dir, d), 1)][:SPEED_PROMPTS]
+            speed = decode_speed(engine, domain_mask([patterns[names[0]]], Budget.parse(str(TARGET_BUDGET)), PRIMARY),
+                                 [tok.decode(tok(t)["input_ids"][:32]) for t in prompts])
         t2 = time.perf_counter()
         engine.ensure(Mask.full(*next(iter(patterns.values())).shape))
         snapshot = store.snapshot()
@@ -504,8 +619,9 @@ def evaluate(pool, store, *, budgets=DEFAULT_BUDGETS, criteria=DEFAULT_CRITERIA,
              "passages": {d: len(s.ids) for d, s in splits.items()}, "tokens": {d: s.tokens for d, s in splits.items()},
              "routing_passages": {d: len(q) for d, q in passages.items()}, "queries": {d: len(q) for d, q in queries.items()},
              "ood": {kind: len(t) for kind, t in ood.items()}, "tasks": {d: len(t) for d, t in tasks.items()},
-             "runs": sum(len(r.domains) for r in runs)}
+             "runs": sum(len(r.domains) for r in runs), "memory": memories, "skip_ratio": skip_ratio,
+             "tiers": {t: manifest.tier_bytes(t) for t in [manifest.base_tier, *manifest.tiers]}}
     return Results(command, machine(), setup, quality, routing, detection, overlap,
                    check_targets(quality, routing, detection, target_budget),
                    {"prepare": round(t1 - t0, 1), "quality": round(t2 - t1, 1), "routing": round(t3 - t2, 1),
-                    "total": round(t3 - t0, 1)})
+                    "total": round(t3 - t0, 1)}, memory_rows, speed)

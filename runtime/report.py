@@ -16,7 +16,7 @@ import torch
 from domex.store.atomic import save_figure, write_atomic
 from domex.store.scores import CRITERIA, PRIMARY
 
-from .evaluate import Results, evaluate
+from .evaluate import DEFAULT_SKIP, SPEED_PROMPTS, SPEED_TOKENS, Results, evaluate
 
 
 def plot_accuracy(res: Results, path: Path) -> None:
@@ -115,8 +115,31 @@ def plot_overlap(res: Results, path: Path) -> None:
     save_figure(fig, path)
 
 
+def plot_frontier(res: Results, path: Path) -> None:
+    """Mean retention against the bytes the plans really hold, one line per method (the accuracy-vs-bytes frontier)."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    methods = list(dict.fromkeys(r.method for r in res.memory))
+    for method in methods:
+        by_share = {}
+        for r in res.memory:
+            if r.method == method:
+                by_share.setdefault(r.memory, []).append(r)
+        pts = sorted((np.mean([r.bytes_share for r in rs]), np.mean([r.retention for r in rs])) for rs in by_share.values())
+        ax.plot([x for x, _ in pts], [y for _, y in pts], "--" if method.endswith("+skip") else "-", marker="o", ms=3,
+                label=method)
+    ax.axhline(0.95, color="black", lw=0.8, ls=":", label="95% retention")
+    ax.set_xlabel("resident expert bytes / all experts at the pool's dtype")
+    ax.set_ylabel("mean next-token retention")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
 PLOTS = {"accuracy_vs_budget.png": plot_accuracy, "confusion.png": plot_confusion, "ood_by_kind.png": plot_detection,
-         "mask_overlap.png": plot_overlap}
+         "mask_overlap.png": plot_overlap, "memory_frontier.png": plot_frontier}
 
 
 def _first(n: int | None) -> str:
@@ -213,7 +236,10 @@ def report(res: Results, images: str = "") -> str:
                         _at_budget(res, tasked, cols, b, "task_accuracy", "task_retention"))
         lines += ["", "Mean task retention over those domains, by budget:", ""]
         lines += _table(["mask"] + [f"{x:.0%}" for x in budgets], _by_budget(res, cols[1:], budgets, "task_retention"))
-    lines += ["", f"![accuracy vs budget]({images}accuracy_vs_budget.png)", "",
+    lines += ["", f"![accuracy vs budget]({images}accuracy_vs_budget.png)"]
+    if res.memory:
+        lines += memory_section(res, images)
+    lines += ["",
               "## Routing", "",
               "Every matcher on held-out text, never the demos: passages cut from the held-out splits, and short "
               "queries written the way users write (`queries/<domain>.jsonl`). Top-1 counts the nearest domain whether "
@@ -256,21 +282,74 @@ def report(res: Results, images: str = "") -> str:
     return "\n".join(lines)
 
 
+def memory_section(res: Results, images: str) -> list[str]:
+    """The memory axis: retention per method and share of the expert bytes, per domain at one share, tiers' speed."""
+    s = res.setup
+    shares = list(dict.fromkeys(r.memory for r in res.memory))
+    methods = list(dict.fromkeys(r.method for r in res.memory))
+    rows = {(r.method, r.memory): [] for r in res.memory}
+    for r in res.memory:
+        rows[r.method, r.memory].append(r)
+    tiers = ", ".join(f"{t} {b:,} bytes" for t, b in s["tiers"].items())
+    lines = ["", "## Accuracy per resident byte", "",
+             f"Each domain's plan (store/plan.py) under a share of the bytes of every routed expert at the pool's dtype "
+             f"(one expert: {tiers}): `prune` keeps EASY-EP's best experts at the pool's dtype; `mixed` may also hold them "
+             "at int8 or int4 (value = score x (1 - the tier's weight error) per byte); `+novices` lets pruned experts "
+             "answer with their mean output; `+skip` drops, at decode and prefill, a selected expert whose weight is below "
+             f"{s['skip_ratio']} x its token's top weight. Cells: mean next-token retention over the domains (the "
+             "plans' real share of the bytes).", ""]
+    table = []
+    for method in methods:
+        cells = [method]
+        for share in shares:
+            rs = rows.get((method, share), [])
+            cells.append(f"{np.mean([r.retention for r in rs]):.1%} ({np.mean([r.bytes_share for r in rs]):.1%})" if rs else "")
+        table.append(cells)
+    lines += _table(["method"] + shares, table)
+    pick = "25%" if "25%" in shares else shares[len(shares) // 2]
+    lines += ["", f"Per domain at {pick} (retention; task retention for math and sql; share of expert calls skipped):", ""]
+    domains = list(dict.fromkeys(r.domain for r in res.memory))
+    table = []
+    for method in methods:
+        cells = [method]
+        for d in domains:
+            r = next((x for x in rows.get((method, pick), []) if x.domain == d), None)
+            task = f", task {r.task_retention:.0%}" if r and r.task_retention is not None else ""
+            skipped = f", skip {r.skipped:.0%}" if r and r.skipped else ""
+            cells.append(f"{r.retention:.0%}{task}{skipped}" if r else "")
+        table.append(cells)
+    lines += _table(["method"] + domains, table)
+    best = max(methods, key=lambda m: np.mean([r.retention for r in rows.get((m, pick), [])]) if rows.get((m, pick)) else 0)
+    kept = float(np.mean([r.retention for r in rows[best, pick]]))
+    lines += ["", f"Best at {pick}: `{best}`, {kept:.1%} mean retention (moonshot: >= 95% at 25% of the expert bytes: "
+              f"{'met' if kept >= 0.95 and pick == '25%' else 'missed'}).", ""]
+    if res.speed:
+        lines += [f"Decode tokens/s with the first domain's 50% mask held entirely at each tier ({SPEED_PROMPTS} prompts, "
+                  f"{SPEED_TOKENS} greedy tokens each; quantised experts are dequantised when a batch uses them):", ""]
+        lines += _table(["tier", "tokens/s"], [[t, f"{v:.0f}"] for t, v in res.speed.items()])
+    lines += ["", f"![accuracy vs bytes]({images}memory_frontier.png)"]
+    return lines
+
+
 def write(res: Results, out: Path, publish: Path | None = None) -> None:
-    """results.json, report.md and the PNGs in `out`; with `publish`, that markdown file and its PNGs beside it."""
+    """results.json, report.md and the PNGs in `out`; with `publish`, that markdown file, its PNGs and results.json
+    in results/ beside it."""
     import matplotlib
 
     matplotlib.use("Agg")
     out.mkdir(parents=True, exist_ok=True)
     for name, draw in PLOTS.items():
-        draw(res, out / name)
+        if name != "memory_frontier.png" or res.memory:
+            draw(res, out / name)
     write_atomic(out / "results.json", json.dumps(res.to_json(), indent=1).encode())
     write_atomic(out / "report.md", report(res).encode())
     if publish is not None:
         images = publish.parent / "results"
         images.mkdir(parents=True, exist_ok=True)
         for name in PLOTS:
-            (images / name).write_bytes((out / name).read_bytes())
+            if (out / name).is_file():
+                (images / name).write_bytes((out / name).read_bytes())
+        write_atomic(images / "results.json", (out / "results.json").read_bytes())
         write_atomic(publish, report(res, images="results/").encode())
 
 
@@ -278,7 +357,7 @@ def command_line(**options) -> str:
     """The `domex eval` command that reproduces a run, from its options."""
     parts = ["domex", "eval"]
     for name in ("pool", "store", "budgets", "criteria", "eval_dir", "batch_size", "max_passages", "routing_passages",
-                 "max_tasks", "max_len", "domain", "threads", "dtype", "about", "publish", "out"):
+                 "max_tasks", "max_len", "domain", "memory", "skip_ratio", "threads", "dtype", "about", "publish", "out"):
         for value in options[name] if name == "domain" and options[name] else [options[name]]:
             if value not in (None, ""):
                 parts += [f"--{name.replace('_', '-')}", str(value)]
@@ -288,22 +367,26 @@ def command_line(**options) -> str:
 def eval_command(pool: str, store: str, out: str, budgets: str = "0.25,0.5,0.75", criteria: str = ",".join(CRITERIA),
                  eval_dir: str = "patterns/eval", max_passages: int | None = None, routing_passages: int | None = None,
                  max_len: int | None = None, batch_size: int = 16, max_tasks: int | None = None,
-                 domain: list[str] | None = None,
+                 domain: list[str] | None = None, memory: str | None = None, skip_ratio: float | None = None,
                  publish: str | None = None, about: str | None = None, threads: int | None = None, dtype: str = "auto",
                  quiet: bool = False) -> int:
     """`domex eval`: evaluate, write the outputs, print the targets."""
     if threads is not None:
         torch.set_num_threads(threads)
+    skip_ratio = DEFAULT_SKIP if skip_ratio is None else skip_ratio
     command = command_line(pool=pool, store=store, budgets=budgets, criteria=criteria, eval_dir=eval_dir,
                            batch_size=batch_size, max_passages=max_passages, routing_passages=routing_passages,
-                           max_tasks=max_tasks, max_len=max_len, domain=domain, threads=threads, dtype=dtype, about=about,
+                           max_tasks=max_tasks, max_len=max_len, domain=domain, memory=memory,
+                           skip_ratio=skip_ratio if memory else None, threads=threads, dtype=dtype, about=about,
                            publish=publish, out=out)
     res = evaluate(pool, store, budgets=budgets, criteria=criteria, eval_dir=eval_dir, max_passages=max_passages,
                    routing_passages=routing_passages, max_len=max_len, batch_size=batch_size, max_tasks=max_tasks,
-                   domains=domain, dtype=dtype,
+                   domains=domain, dtype=dtype, memory=memory or (), skip_ratio=skip_ratio,
                    command=command, about=about or "", progress=not quiet)
     write(res, Path(out), Path(publish) if publish else None)
     for t in res.targets:
         print(f"{'met   ' if t.met else 'MISSED'}  {t.name}: {t.value} (goal {t.goal}; {t.by})")
-    print(f"wrote {out}/results.json, report.md, {', '.join(PLOTS)}" + (f"; {publish}" if publish else ""))
+    for method, shares in res.frontier().items():
+        print(f"memory  {method}: " + ", ".join(f"{share} -> {kept:.1%}" for share, kept in shares.items()))
+    print(f"wrote {out}/results.json, report.md, the PNG plots" + (f"; {publish}" if publish else ""))
     return 0

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from domex.errors import ConfigError
-from domex.store.mask import Mask
 
 ANSWER = re.compile(r"Answer:\s*(-?\d[\d,]*(?:\.\d+)?)")
 MAX_SQL_STEPS = 2_000  # progress-handler calls (x 1,000 SQLite VM steps) before a generated query is stopped
@@ -113,9 +112,8 @@ def solved(task: Task, completion: str, databases: dict[str, sqlite3.Connection]
     return got == want if "ORDER BY" in task.query.upper() else sorted(map(repr, got)) == sorted(map(repr, want))
 
 
-def task_accuracy(engine, mask: Mask, tasks: list[Task], max_new_tokens: int = 96, batch_size: int = 32) -> float:
-    """Share of `tasks` a greedy generation under `mask` solves."""
-    engine.ensure(mask)
+def task_accuracy(engine, tasks: list[Task], max_new_tokens: int = 96, batch_size: int = 32) -> float:
+    """Share of `tasks` a greedy generation with the engine's resident experts (its last `ensure`) solves."""
     databases: dict[str, sqlite3.Connection] = {}
     right = 0
     for s in range(0, len(tasks), batch_size):

@@ -13,8 +13,10 @@ Allocation under a byte budget (`allocate`), per layer with an equal share of th
      novice, err = 1 - fit_e, the share of e's output energy its mean does not keep (in the pattern);
   2. the top_k best-scored experts enter at the cheapest real tier (every layer keeps top_k real
      experts; a budget that cannot hold them is an error);
-  3. then greedily: among every move of one expert to a dearer tier (or in, from nothing), take the
-     one with the most value gained per byte added that still fits; stop when none fits.
+  3. then greedily: among every move of one expert to a dearer real tier (or in, from nothing), take
+     the one with the most value gained per byte added that still fits; stop when none fits;
+  4. novices last: the bytes the real experts leave take novices, most value per byte first. (Taken in
+     step 3, the cheap novices would crowd out the last real expert a layer could still hold.)
 Ties go to the lower expert id.
 
 Legend: L MoE layers, E routed experts.
@@ -116,21 +118,22 @@ def allocate(scores: np.ndarray, budget_bytes: int, tier_bytes: dict[str, int], 
         for e in sorted(range(E), key=lambda e: (-s[e], e))[:top_k]:
             held[e] = cheapest
         used = top_k * tier_bytes[cheapest]
-        while True:
-            best, best_gain = None, 0.0
-            for e in range(E):
-                now = held.get(e)
-                v0, b0 = (value[now][e], tier_bytes[now]) if now else (0.0, 0)
-                for t in order[order.index(now) + 1:] if now else order:
-                    extra = tier_bytes[t] - b0
-                    gain = (value[t][e] - v0) / extra
-                    if used + extra <= per_layer and gain > best_gain:
-                        best, best_gain = (e, t, extra), gain
-            if best is None:
-                break
-            e, t, extra = best
-            held[e] = t
-            used += extra
+        for tiers in ([t for t in order if t != NOVICE], [NOVICE] if NOVICE in order else []):
+            while True:
+                best, best_gain = None, 0.0
+                for e in range(E):
+                    now = held.get(e)
+                    v0, b0 = (value[now][e], tier_bytes[now]) if now else (0.0, 0)
+                    for t in tiers[tiers.index(now) + 1:] if now in tiers else ([] if now else tiers):
+                        extra = tier_bytes[t] - b0
+                        gain = (value[t][e] - v0) / extra
+                        if used + extra <= per_layer and gain > best_gain:
+                            best, best_gain = (e, t, extra), gain
+                if best is None:
+                    break
+                e, t, extra = best
+                held[e] = t
+                used += extra
         layers.append(held)
     return Plan.of(E, layers)
 

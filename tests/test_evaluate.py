@@ -49,7 +49,7 @@ def run(tmp_path_factory):
 
 def make_run(root):
     model = tiny_checkpoint(root / "model")
-    build(model, root / "pool", progress=False)
+    build(model, root / "pool", tiers="int8,int4", progress=False)
     for name in HELD_OUT:
         register(root / "pool", root / "store", name, [Demo.from_json({"text": t}) for t in DOMAINS[name]], progress=False)
     (root / "eval").mkdir()
@@ -64,6 +64,7 @@ def make_run(root):
     out, docs = root / "out", root / "docs"
     rc = main(["eval", "--pool", str(root / "pool"), "--store", str(root / "store"), "--budgets", ",".join(BUDGETS),
                "--criteria", ",".join(CRITERIA), "--eval-dir", str(root / "eval"), "--batch-size", "2", "--quiet",
+               "--memory", "50%,75%", "--skip-ratio", "0.5",
                "--publish", str(docs / "RESULTS.md"), "--out", str(out)])
     assert rc == 0
     return model, out, docs, json.loads((out / "results.json").read_text())
@@ -123,10 +124,11 @@ def test_task_accuracy_equals_checking_stock_transformers_generations(run):
 def test_report_and_plots_are_written(run):
     _, out, docs, res = run
     text = (out / "report.md").read_text()
-    for heading in ("## Targets", "## Pruning quality", "## Task accuracy", "## Routing", "## Mask overlap", "## Method"):
+    for heading in ("## Targets", "## Pruning quality", "## Task accuracy", "## Accuracy per resident byte", "## Routing",
+                    "## Mask overlap", "## Method"):
         assert heading in text
     assert res["command"].startswith("domex eval --pool") and res["command"] in text
-    for name in ("accuracy_vs_budget.png", "confusion.png", "ood_by_kind.png", "mask_overlap.png"):
+    for name in ("accuracy_vs_budget.png", "confusion.png", "ood_by_kind.png", "mask_overlap.png", "memory_frontier.png"):
         for folder in (out, docs / "results"):
             data = (folder / name).read_bytes()
             assert len(data) > 1000 and data[:8] == b"\x89PNG\r\n\x1a\n", folder / name
@@ -178,3 +180,29 @@ def test_missing_ood_folder_is_a_clear_error(tmp_path):
 
     with pytest.raises(ConfigError, match=str(tmp_path / "ood")):
         read_ood(tmp_path)
+
+
+def test_memory_axis_plans_fit_and_agree_with_the_masks(run):
+    _, _, docs, res = run
+    methods = {"prune", "prune+novices", "mixed", "mixed+novices"}
+    methods |= {m + "+skip" for m in methods}
+    rows = res["memory"]
+    assert {(r["method"], r["memory"], r["domain"]) for r in rows} == \
+        {(m, share, d) for m in methods for share in ("50%", "75%") for d in HELD_OUT}
+    for r in rows:
+        assert r["bytes_share"] <= float(r["memory"].rstrip("%")) / 100 + 1e-9
+        assert (r["skipped"] > 0) == r["method"].endswith("+skip")
+        assert (r["task_accuracy"] is None) == (r["domain"] != "python")
+    for share in (0.5, 0.75):  # one tier, no novices: the plan is EASY-EP's uniform mask, so the same accuracy
+        for d in HELD_OUT:
+            prune = next(r for r in rows if r["method"] == "prune" and r["memory"] == f"{share:.0%}" and r["domain"] == d)
+            mask = next(r for r in res["quality"] if r["kind"] == "domain" and r["criterion"] == "easyep"
+                        and r["budget"] == share and r["domain"] == d)
+            assert prune["accuracy"] == mask["accuracy"] and prune["tiers"] == {"float32": mask["experts_kept"]}
+    mixed = [r for r in rows if r["method"] == "mixed" and r["memory"] == "50%"]
+    assert any(set(r["tiers"]) & {"int8", "int4"} for r in mixed)
+    published = json.loads((docs / "results" / "results.json").read_text())
+    assert set(published["frontier"]) == methods
+    assert published["frontier"]["prune"]["50%"] == pytest.approx(
+        sum(r["retention"] for r in rows if r["method"] == "prune" and r["memory"] == "50%") / len(HELD_OUT))
+    assert set(res["speed"]) == {"float32", "int8", "int4"} and min(res["speed"].values()) > 0
