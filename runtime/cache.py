@@ -97,17 +97,33 @@ class ExpertCache:
         slots = budget.experts_per_layer(m.num_layers, m.num_experts, m.expert_bytes, m.top_k)
         return cls(pool, slots, device, budget=budget, dtype=dtype, tier_slots=tier_slots, scratch=scratch)
 
-    def check_fits(self, wanted: Mask | Plan) -> None:
+    def demand(self, wanted: Mask | Plan | list) -> dict[str, list[list[int]]]:
+        """tier -> [L] the experts wanted at it: of one mask (the base tier) or plan, or the union of a list of them."""
+        m = self.pool.manifest
+        union: dict[str, list[set]] = {}
+        for w in wanted if isinstance(wanted, list) else [wanted]:
+            tiers = {m.base_tier: w.layers} if isinstance(w, Mask) else {t: w.at(t) for t in w.tiers() if t != NOVICE}
+            for tier, layers in tiers.items():
+                acc = union.setdefault(tier, [set() for _ in range(m.num_layers)])
+                for l, experts in enumerate(layers):
+                    acc[l].update(experts)
+        return {t: [sorted(s) for s in layers] for t, layers in union.items()}
+
+    def fits(self, wanted: list) -> bool:
+        """Whether the union of these masks and plans fits every tier's slots at once."""
+        return all(max(map(len, layers)) <= (self.num_slots if t == self.pool.manifest.base_tier else
+                                             self.tiers[t].num_slots if t in self.tiers else 0)
+                   for t, layers in self.demand(wanted).items())
+
+    def check_fits(self, wanted: Mask | Plan | list) -> None:
         """Raise CacheTooSmall (naming the layer and the budget to ask for) when the mask, or the plan's experts at
         the base tier, cannot be resident at all."""
         m = self.pool.manifest
-        if isinstance(wanted, Plan):
-            wanted.mask.check(m.num_layers, m.num_experts, m.top_k)
-            self.check_tiers(wanted)
-            mask = Mask.of(m.num_experts, wanted.at(m.base_tier))
-        else:
-            mask = wanted
-            mask.check(m.num_layers, m.num_experts, m.top_k)
+        for w in wanted if isinstance(wanted, list) else [wanted]:
+            (w.mask if isinstance(w, Plan) else w).check(m.num_layers, m.num_experts, m.top_k)
+            if isinstance(w, Plan):
+                self.check_tiers(w)
+        mask = Mask.of(m.num_experts, self.demand(wanted).get(m.base_tier, [[] for _ in range(m.num_layers)]))
         for l, kept in enumerate(mask.layers):
             if len(kept) > self.num_slots:
                 biggest = max(mask.kept_counts())
@@ -117,15 +133,16 @@ class ExpertCache:
                     f"cache has S={self.num_slots} slots per layer{budget}; raise the budget to at least {biggest} experts "
                     f"per layer (--budget {biggest}, or Engine.open(budget={biggest})), or use a smaller mask")
 
-    def make_resident(self, wanted: Mask | Plan) -> LoadReport:
-        """Make every expert of a mask (or of a plan, each at its tier) resident, reading only the missing ones;
-        raise before reading if one layer cannot fit."""
+    def make_resident(self, wanted: Mask | Plan | list) -> LoadReport:
+        """Make every expert of a mask (or of a plan, each at its tier; or of a list of them) resident, reading only
+        the missing ones; raise before reading if one layer cannot fit."""
         self.check_fits(wanted)
-        plan = wanted if isinstance(wanted, Plan) else None
-        base = wanted if plan is None else Mask.of(plan.num_experts, plan.at(self.pool.manifest.base_tier))
+        demand = self.demand(wanted)
+        nothing = [[] for _ in range(self.pool.manifest.num_layers)]
         start = time.perf_counter()
         self.clock += 1
-        jobs, reused, evicted = place(self._slot_of, self._expert_in, self._last_used, base.layers, self.clock)
+        jobs, reused, evicted = place(self._slot_of, self._expert_in, self._last_used,
+                                      demand.get(self.pool.manifest.base_tier, nothing), self.clock)
         # the host mirror is updated before reading: a failed read invalidates the experts it touched
         try:
             nbytes = self._load(jobs)
@@ -138,7 +155,7 @@ class ExpertCache:
                 self.slot_of[l].copy_(torch.tensor(self._slot_of[l], dtype=torch.long))
         loaded = len(jobs)
         for name, tier in self.tiers.items():
-            r, n, ev, b = tier.make_resident(plan.at(name) if plan else [[] for _ in base.layers], self.clock)
+            r, n, ev, b = tier.make_resident(demand.get(name, nothing), self.clock)
             reused, loaded, evicted, nbytes = reused + r, loaded + n, evicted + ev, nbytes + b
         self.hits += reused
         self.misses += loaded

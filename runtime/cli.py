@@ -108,6 +108,9 @@ COMMANDS: dict[str, Command] = {
         arg("--policy", default="nearest", help="out-of-domain fallback: nearest, union, general or full"), QUANTILE,
         arg("--host", default="127.0.0.1"), arg("--port", type=int, default=8000), DEVICE,
         DTYPE, SKIP,
+        arg("--memory", help="serve plans instead of masks: each domain's experts at the pool's tiers (domex pool build "
+            "--tiers) under this share of the full expert bytes ('25%%') or bytes; the slots follow it"),
+        arg("--novices", action="store_true", help="with --memory: pruned experts answer with their novice vectors"),
         arg("--scheduler", default="continuous", help="continuous (rows join and leave at every decode step, "
             "each under its own mask) or static (the old batches under their masks' union; a baseline)"),
         arg("--max-batch", type=int, default=32, help="most requests decoded together"),

@@ -14,6 +14,7 @@ buffers, runs the stock experts implementation on them, and adds their output (`
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,14 +97,16 @@ class Engine:
         engine.skip_ratio = skip_ratio
         return engine
 
-    def ensure(self, wanted: Mask | Plan, novices: np.ndarray | None = None) -> LoadReport:
+    def ensure(self, wanted: Mask | Plan | list, novices: np.ndarray | None = None) -> LoadReport:
         """Make a mask's experts (or a plan's, each at its tier) resident, reading only missing ones, and restrict
-        every router to them. A plan's novices answer with their vectors in `novices` [L, E, H] (the pattern's)."""
+        every router to them. A plan's novices answer with their vectors in `novices` [L, E, H] (the pattern's).
+        A list of masks and plans: their union is made resident, for `allow_rows` to route each batch row."""
         plan = wanted if isinstance(wanted, Plan) else None
         if plan is not None and any(plan.at(NOVICE)) and novices is None:
             raise MaskError("the plan has novices but no novice vectors were given (pass the pattern's novices)")
         report = self.cache.make_resident(wanted)
-        mask = plan.mask if plan else wanted
+        masks = [w.mask if isinstance(w, Plan) else w for w in (wanted if isinstance(wanted, list) else [wanted])]
+        mask = functools.reduce(Mask.union, masks)
         blocks = self.pool.adapter.moe_blocks(self.model)
         for l, ((_, block), kept) in enumerate(zip(blocks, mask.layers)):
             slot_of = self.cache.plan_slots(plan, l) if plan else self.cache.slot_of[l]
@@ -115,19 +118,37 @@ class Engine:
                 add_novices(self.pool.adapter.experts(block), router)
             if vectors or self.skip_ratio > 0:  # their pairs go to the sentinel slot
                 honour_sentinels(self.pool.adapter.experts(block))
-        self.mask = wanted
+        self.mask = mask if isinstance(wanted, list) else wanted
         self.loads += 1
         return report
 
-    def allow_rows(self, masks: list[Mask]) -> None:
-        """Route batch row b among masks[b]'s experts only, as if it ran alone; all must be resident (ensure their union)."""
+    def allow_rows(self, wanted: list[Mask | Plan], novices: list[np.ndarray | None] | None = None) -> None:
+        """Route batch row b among wanted[b]'s experts only (a mask's, or a plan's at their tiers, with its novices
+        from novices[b]), as if it ran alone; all must be resident (`ensure` the list first)."""
         blocks = self.pool.adapter.moe_blocks(self.model)
         E = self.pool.manifest.num_experts
+        novices = novices or [None] * len(wanted)
         for l, (_, block) in enumerate(blocks):
-            allowed = torch.zeros(len(masks), E, dtype=torch.bool)  # [B, E]
-            for b, mask in enumerate(masks):
-                allowed[b, list(mask.layers[l])] = True
-            allow_rows(self.pool.adapter.router(block), allowed)
+            allowed = torch.zeros(len(wanted), E, dtype=torch.bool)  # [B, E]
+            slot_of = torch.full((len(wanted), E), -1, dtype=torch.long)  # [B, E]: each row's expert -> id
+            for b, w in enumerate(wanted):
+                allowed[b, list((w.mask if isinstance(w, Plan) else w).layers[l])] = True
+                slot_of[b] = (self.cache.plan_slots(w, l) if isinstance(w, Plan) else self.cache.slot_of[l]).cpu()
+            vectors = is_novice = None
+            if any(v is not None for v in novices):
+                is_novice = torch.zeros(len(wanted), E, dtype=torch.bool)  # [B, E]
+                vectors = torch.zeros(len(wanted), E, next(v for v in novices if v is not None).shape[-1])  # [B, E, H]
+                for b, (w, v) in enumerate(zip(wanted, novices)):
+                    for e in w.at(NOVICE)[l] if isinstance(w, Plan) and v is not None else []:
+                        is_novice[b, e], vectors[b, e] = True, torch.as_tensor(v[l, e])
+                allowed |= is_novice
+                add_novices(self.pool.adapter.experts(block), self.pool.adapter.router(block))
+                honour_sentinels(self.pool.adapter.experts(block))
+            allow_rows(self.pool.adapter.router(block), allowed, slot_of, vectors, is_novice)
+
+    def fits(self, wanted: list[Mask | Plan]) -> bool:
+        """Whether these masks and plans can be resident together (the scheduler's admission test)."""
+        return self.cache.fits(wanted)
 
     def _use(self, mask: Mask | None) -> None:
         if mask is not None and mask != self.mask:

@@ -43,7 +43,6 @@ from domex.store.pattern import Pattern
 from domex.store.plan import NOVICE, Plan
 from domex.store.scores import CRITERIA, PRIMARY, check_criteria
 
-from .checkpoint import dtype_of
 from .indexer import context_length, jaccard
 from .tasks import Task, read_all, task_accuracy
 
@@ -403,7 +402,7 @@ def memory_plan(pattern: Pattern, manifest, memory: str, quantised: bool, novice
     from domex.store.plan import domain_plan
 
     tier_bytes, errors = manifest.tier_table(None if quantised else ())
-    novice_bytes = pattern.novices.shape[-1] * torch.empty((), dtype=dtype_of(manifest.base_tier)).element_size() if novices else None
+    novice_bytes = manifest.novice_bytes(pattern.novices.shape[-1]) if novices else None
     plan = domain_plan([pattern], memory, tier_bytes, errors, base_bytes=manifest.expert_bytes, novice_bytes=novice_bytes)
     return plan, {**tier_bytes, NOVICE: novice_bytes or 0}
 

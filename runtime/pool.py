@@ -135,6 +135,10 @@ class PoolManifest:
                             f"rebuild it with `domex pool build MODEL_DIR POOL_DIR --tiers {tier}`")
         return self.tiers[tier].expert_bytes
 
+    def novice_bytes(self, hidden: int) -> int:
+        """Bytes of one novice vector: `hidden` values at the pool's dtype."""
+        return hidden * torch.empty((), dtype=dtype_of(self.base_tier)).element_size()
+
     def tier_table(self, names=None) -> tuple[dict[str, int], dict]:
         """(tier -> one expert's bytes, tier -> [L, E] relative weight errors) for plans (store/plan.py):
         the base tier and the quantised tiers among `names` (default: all the pool holds)."""

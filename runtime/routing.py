@@ -183,14 +183,22 @@ def _restricted_forward(self, hidden_states):
     cfg: RouterConfig = self.domex_config
     logits = router_logits(self, hidden_states, cfg)  # [T, E]
     allowed = self.domex_allowed  # [E], or [B, E]: one mask per batch row
+    rows = None
     if allowed.dim() == 2:  # the block flattened [B, S, H] row-major: token (b, s) is row b*S + s
-        allowed = allowed.repeat_interleave(logits.shape[0] // allowed.shape[0], dim=0)  # [T, E]
+        per_row = logits.shape[0] // allowed.shape[0]
+        rows = (torch.arange(logits.shape[0], device=logits.device) // per_row)[:, None]  # [T, 1] batch row of each token
+        allowed = allowed.repeat_interleave(per_row, dim=0)  # [T, E]
     weights, ids = route(logits, allowed, cfg, bias=getattr(self, "e_score_correction_bias", None),
                          mode=self.domex_mode)
-    slots = self.domex_slot_of[ids]  # [T, k]
-    novices = self.domex_novices  # [E, H] or None
+
+    def per_token(table, row_dims):  # [E, ...] shared by every row, or [B, E, ...] one per row (allow_rows) -> [T, k, ...]
+        return table[rows, ids] if rows is not None and table.dim() == row_dims + 1 else table[ids]
+
+    novices = self.domex_novices  # [E, H], [B, E, H] or None
+    slots = per_token(self.domex_slot_of, 1)  # [T, k]
     if novices is not None:
-        slots = slots.masked_fill(self.domex_is_novice[ids], self.domex_sentinel)
+        is_novice = per_token(self.domex_is_novice, 1)  # [T, k]
+        slots = slots.masked_fill(is_novice, self.domex_sentinel)
     assert bool((slots >= 0).all()), "a selected expert is not resident"
     if self.domex_skip_ratio > 0:
         weights, keep = skip_small(weights, self.domex_skip_ratio, cfg.renormalize)
@@ -198,8 +206,8 @@ def _restricted_forward(self, hidden_states):
         self.domex_calls += keep.numel()
         self.domex_skipped += (~keep).sum()
     if novices is not None:
-        g = weights.float() * self.domex_is_novice[ids]  # [T, k]: weights of the novice pairs only
-        self.domex_novice_out = (g[..., None] * novices[ids]).sum(dim=1)  # [T, H]
+        g = weights.float() * is_novice  # [T, k]: weights of the novice pairs only
+        self.domex_novice_out = (g[..., None] * per_token(novices, 2)).sum(dim=1)  # [T, H]
     if cfg.cast_weights:
         weights = weights.to(logits.dtype)
     return logits, weights, slots
@@ -242,9 +250,19 @@ def restrict_router(router: torch.nn.Module, cfg: RouterConfig, kept: tuple[int,
     router.forward = types.MethodType(_restricted_forward, router)
 
 
-def allow_rows(router: torch.nn.Module, allowed: torch.Tensor) -> None:
-    """Give each batch row its own allowed experts: allowed [B, E] bool (or [E] for all rows) on a restricted router."""
-    router.domex_allowed = allowed.to(router.weight.device)
+def allow_rows(router: torch.nn.Module, allowed: torch.Tensor, slot_of: torch.Tensor | None = None,
+               novices: torch.Tensor | None = None, is_novice: torch.Tensor | None = None) -> None:
+    """Give each batch row its own allowed experts on a restricted router: allowed [B, E] bool (or [E] for all rows).
+
+    Rows under plans also get their own expert -> id maps (slot_of [B, E]: one expert may be held at a
+    different tier for each row) and novices (vectors [B, E, H], is_novice [B, E]); None keeps the shared ones.
+    """
+    device = router.weight.device
+    router.domex_allowed = allowed.to(device)
+    if slot_of is not None:
+        router.domex_slot_of = slot_of.to(device)
+    router.domex_novices = None if novices is None else novices.to(device)
+    router.domex_is_novice = None if is_novice is None else is_novice.to(device)
 
 
 def unrestrict_router(router: torch.nn.Module) -> None:

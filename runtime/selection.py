@@ -14,10 +14,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from domex.store.budget import RULES, Budget, domain_mask
 from domex.store.db import Snapshot, Store
 from domex.errors import ConfigError, DomexError, EmptyStore, UnknownDomain
 from domex.store.mask import Mask
+from domex.store.plan import Plan, domain_plan, memory_bytes
 from domex.store.scores import CRITERIA, PRIMARY
 
 from .device import DTYPES
@@ -37,6 +40,8 @@ class ServeConfig:
     ood_quantile: float | None = None
     dtype: str = "auto"
     skip_ratio: float = 0.0  # dynamic skipping (runtime/routing.py)
+    memory: str | None = None  # serve plans (store/plan.py) under this share of the expert bytes instead of masks
+    novices: bool = False  # plans also take novices (single-domain selections whose pattern holds them)
     scheduler: str = "continuous"
     max_batch: int = 32
     max_waiting: int = 64
@@ -57,6 +62,17 @@ class ServeConfig:
         for flag, value, known in choices:
             if value not in known:
                 raise ConfigError(f"{flag} {value!r} is not one of: {', '.join(known)}")
+        if self.memory is not None:
+            try:
+                if Budget.parse(self.memory).kind == "count":
+                    raise ConfigError("a share of the expert bytes ('25%') or bytes ('2MiB'), not a count of experts")
+            except DomexError as e:
+                raise ConfigError(f"--memory: {e}") from None
+            if self.resident is not None or self.scheduler != "continuous":
+                raise ConfigError("--memory sizes the expert slots from the plans' budget and needs the continuous "
+                                  "scheduler; drop --resident and --scheduler static")
+        elif self.novices:
+            raise ConfigError("--novices comes with plans: give --memory too")
         if not 0.0 <= self.skip_ratio <= 1.0:
             raise ConfigError(f"--skip-ratio {self.skip_ratio} must lie between 0 and 1 (0: no skipping)")
         if self.ood_quantile is not None and not 0.0 < self.ood_quantile < 1.0:
@@ -67,8 +83,21 @@ class ServeConfig:
                 raise ConfigError(f"{flag} {value} must be at least {least}")
         return self
 
+    def tier_slots(self, manifest) -> dict[str, int] | None:
+        """Slots per layer for each quantised tier under --memory: as many as one plan could hold at that tier."""
+        if self.memory is None:
+            return None
+        per_layer = memory_bytes(self.memory, manifest.num_layers, manifest.num_experts, manifest.expert_bytes) / manifest.num_layers
+        return {t: min(manifest.num_experts, int(per_layer // manifest.tier_bytes(t))) for t in manifest.tiers}
+
+    def slots(self) -> str:
+        """The base tier's slots per layer: --resident, the budget's, or under --memory the most one plan can hold."""
+        return self.memory if self.memory is not None else (self.resident or self.budget)
+
     def check_fits(self, manifest) -> None:
         """Refuse a resident set smaller than one domain's mask: no request could ever be served."""
+        if self.memory is not None:
+            return  # plans are sized to the slots (domain_plan refuses a budget below top_k experts per layer)
         m = manifest
         kept = Budget.parse(self.budget).experts_per_layer(m.num_layers, m.num_experts, m.expert_bytes, m.top_k)
         slots = Budget.parse(self.resident or self.budget).experts_per_layer(m.num_layers, m.num_experts, m.expert_bytes,
@@ -89,7 +118,8 @@ class Selection:
 
     match: Match | None
     domains: tuple[str, ...] | None  # None: every expert (the `full` fallback)
-    mask: Mask
+    mask: Mask | Plan  # a plan when serving under --memory
+    novices: np.ndarray | None = None  # [L, E, H], the pattern's, when the plan has novices
 
     @property
     def key(self) -> str:
@@ -107,12 +137,16 @@ class Selection:
 
 
 class MaskBook:
-    """Masks for sets of domains under one budget, built from a store snapshot and cached per generation."""
+    """Masks for sets of domains under one budget, built from a store snapshot and cached per generation.
+
+    With a `memory` budget and the pool's `manifest`, plans instead (store/plan.py): each domain's experts at
+    the pool's tiers, plus novices for a single domain when `novices`."""
 
     def __init__(self, store: Store, budget: Budget, *, num_layers: int, num_experts: int, criterion: str = PRIMARY,
-                 rule: str = "uniform"):
+                 rule: str = "uniform", memory: str | None = None, manifest=None, novices: bool = False):
         self.store, self.budget, self.criterion, self.rule = store, budget, criterion, rule
         self.num_layers, self.num_experts = num_layers, num_experts
+        self.memory, self.manifest, self.with_novices = memory, manifest, novices
         self._cache: dict[tuple, Mask] = {}  # (generation, sorted domains) -> mask; only the newest generation kept
         self._lock = threading.Lock()
 
@@ -125,13 +159,35 @@ class MaskBook:
         with self._lock:
             if key in self._cache:
                 return self._cache[key]
-        mask = domain_mask([snapshot.get(d) for d in key[1]], self.budget, self.criterion, self.rule)
+        mask = self._build([snapshot.get(d) for d in key[1]])
         with self._lock:
             newest = max([g for g, _ in self._cache] + [key[0]])
             self._cache = {k: m for k, m in self._cache.items() if k[0] == newest}
             if key[0] == newest:
                 self._cache[key] = mask
         return mask
+
+
+    def _build(self, patterns: list) -> Mask | Plan:
+        if self.memory is None:
+            return domain_mask(patterns, self.budget, self.criterion, self.rule)
+        m = self.manifest
+        tier_bytes, errors = m.tier_table()
+        novice_bytes = None
+        if self._takes_novices(patterns):
+            novice_bytes = m.novice_bytes(patterns[0].novices.shape[-1])
+        return domain_plan(patterns, self.memory, tier_bytes, errors, self.criterion, base_bytes=m.expert_bytes,
+                           novice_bytes=novice_bytes)
+
+    def _takes_novices(self, patterns: list) -> bool:
+        return self.with_novices and len(patterns) == 1 and patterns[0].novices is not None
+
+    def novices(self, domains, snapshot: Snapshot | None = None) -> np.ndarray | None:
+        """The novice vectors [L, E, H] a selection of `domains` needs (None: its plan takes none)."""
+        if domains is None or self.memory is None:
+            return None
+        patterns = [(snapshot or self.store.snapshot()).get(d) for d in domains]
+        return patterns[0].novices if self._takes_novices(patterns) else None
 
 
 class Selector:
@@ -149,7 +205,7 @@ class Selector:
             return self.select_many([text], snapshot)[0]
         if forced not in snapshot:
             raise UnknownDomain(f"forced domain {forced!r} is not registered; registered: {', '.join(snapshot.names)}")
-        return Selection(None, (forced,), self.masks.mask([forced], snapshot))
+        return Selection(None, (forced,), self.masks.mask([forced], snapshot), self.masks.novices([forced], snapshot))
 
     def select_many(self, texts: list[str], snapshot: Snapshot | None = None) -> list[Selection]:
         """One Selection per text, all from one snapshot (matched in one batch)."""
@@ -163,7 +219,8 @@ class Selector:
         out = []
         for match in matches:
             domains = fallback_domains(match, self.policy, snapshot)
-            out.append(Selection(match, None if domains is None else tuple(domains), self.masks.mask(domains, snapshot)))
+            out.append(Selection(match, None if domains is None else tuple(domains), self.masks.mask(domains, snapshot),
+                                 self.masks.novices(domains, snapshot)))
         return out
 
 

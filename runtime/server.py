@@ -214,7 +214,8 @@ def create_app(state: ServerState, scheduler=None) -> FastAPI:
         loop = asyncio.get_running_loop()
         chunks: asyncio.Queue = asyncio.Queue()
         put = lambda item: loop.call_soon_threadsafe(chunks.put_nowait, item)  # noqa: E731
-        job = Job(ids, body.max_tokens, body.temperature, body.top_p, selection.mask, match=selection.match,
+        job = Job(ids, body.max_tokens, body.temperature, body.top_p, selection.mask, novices=selection.novices,
+                  match=selection.match,
                   key=selection.key,
                   emit=lambda text: put(("text", text)), finish=lambda reason, usage: put(("done", reason, usage)),
                   fail=lambda exc: put(("error", exc)))
@@ -363,17 +364,20 @@ def open_state(pool: str, store: str, config: ServeConfig, *, device: str = "cpu
     from .match import make_matcher
     from .selection import MaskBook
 
-    engine = Engine.open(pool, budget=slots or config.resident or config.budget, device=device,
-                         dtype=config.dtype, skip_ratio=config.skip_ratio)  # checks files, sizes
+    from .pool import PoolManifest
+
+    manifest = PoolManifest.from_dir(pool)
+    engine = Engine.open(pool, budget=slots or config.slots(), device=device, dtype=config.dtype,
+                         skip_ratio=config.skip_ratio, tier_slots=config.tier_slots(manifest))  # checks files, sizes
     if slots is None:
         config.check_fits(engine.pool.manifest)
     if verify_pool:
         for bad in engine.pool.verify_checksums():
             log.warning("pool verification: %s failed its checksum; requests that need it will fail", bad)
     opened = Store.open(store, fingerprint=engine.pool.fingerprint, read_only=read_only)
-    manifest = engine.pool.manifest
     masks = MaskBook(opened, Budget.parse(config.budget), num_layers=manifest.num_layers, num_experts=manifest.num_experts,
-                     criterion=config.criterion, rule=config.rule)
+                     criterion=config.criterion, rule=config.rule, memory=config.memory, manifest=manifest,
+                     novices=config.novices)
     matcher = make_matcher(config.matcher, opened, engine=engine, quantile=config.ood_quantile)
 
     def register_domain(name: str, demos: list[dict], replace: bool):

@@ -44,6 +44,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
@@ -51,6 +52,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from domex.errors import Overloaded, PoolError
 from domex.store.mask import Mask
+from domex.store.plan import Plan
 
 from .match import Match
 
@@ -65,11 +67,12 @@ class Job:
     max_tokens: int
     temperature: float
     top_p: float
-    mask: Mask
+    mask: Mask | Plan  # a plan (store/plan.py) when serving under --memory
     emit: Callable[[str], None]
     finish: Callable[[str, dict], None]
     fail: Callable[[Exception], None]
     match: Match | None = None
+    novices: np.ndarray | None = None  # [L, E, H] when the plan answers pruned experts with novices
     key: str = ""  # the selection's domains ("python", "python+sql", "*"): what a replica holds for it
     cancelled: threading.Event = field(default_factory=threading.Event)
     enqueued: float = field(default_factory=time.perf_counter)
@@ -201,8 +204,11 @@ class ContinuousScheduler:
             self.waiting.append(job)
             self.cond.notify()
 
-    def running_masks(self) -> list[Mask]:
+    def running_masks(self) -> list[Mask | Plan]:
         return [r.job.mask for r in self.rows]
+
+    def _route_rows(self, jobs: list[Job]) -> None:
+        self.engine.allow_rows([j.mask for j in jobs], [j.novices for j in jobs])
 
     def _loop(self) -> None:
         while True:
@@ -227,12 +233,10 @@ class ContinuousScheduler:
             for job in [j for j in self.waiting if j.cancelled.is_set()]:
                 self.waiting.remove(job)
             admitted: list[Job] = []
-            union = _union(self.running_masks())
             for i, job in enumerate(list(self.waiting)):
                 if len(self.rows) + len(admitted) >= self.max_batch:
                     break
-                joined = job.mask if union is None else union.union(job.mask)
-                if max(joined.kept_counts()) > self.engine.cache.num_slots:
+                if not self.engine.fits(self.running_masks() + [j.mask for j in admitted] + [job.mask]):
                     continue  # waits for running rows to leave room
                 if job is not self.waiting[0]:
                     if self.overtaken >= self.max_overtakes:
@@ -242,7 +246,6 @@ class ContinuousScheduler:
                     self.overtaken = 0
                 self.waiting.remove(job)
                 admitted.append(job)
-                union = joined
             return admitted
 
     def _prefill(self, jobs: list[Job]) -> None:
@@ -250,10 +253,10 @@ class ContinuousScheduler:
         token, and join the running batch. When that raises, each prompt runs alone: only a faulty one fails."""
         engine = self.engine
         try:
-            report = engine.ensure(_union(self.running_masks() + [j.mask for j in jobs]))
+            report = engine.ensure(self.running_masks() + [j.mask for j in jobs])
             if self.on_load:
                 self.on_load(report)
-            engine.allow_rows([j.mask for j in jobs])
+            self._route_rows(jobs)
             self._routed = None
             ids, attention = left_pad([j.ids for j in jobs], 0)
             cache = DynamicCache()
@@ -280,7 +283,7 @@ class ContinuousScheduler:
     def _decode(self) -> None:
         engine = self.engine
         if self._routed != [id(r.job) for r in self.rows]:
-            engine.allow_rows(self.running_masks())
+            self._route_rows([r.job for r in self.rows])
             self._routed = [id(r.job) for r in self.rows]
         ids = torch.tensor([[r.next_token] for r in self.rows], device=engine.device)  # [B, 1]
         positions = torch.tensor([[r.position] for r in self.rows], device=engine.device)  # [B, 1]

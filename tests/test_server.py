@@ -129,3 +129,28 @@ def test_skip_ratio_drops_expert_calls_and_says_how_many(tmp_path):
         proc.wait(timeout=20)
     with pytest.raises(RuntimeError, match=r"--skip-ratio 1.5 must lie between 0 and 1"):
         start_server(pool, store, free_port(), "--skip-ratio", "1.5")
+
+
+def test_serving_plans_under_a_memory_budget(tmp_path):
+    """--memory serves each domain's plan at the pool's tiers (with novices), and refuses what cannot work."""
+    from domex.runtime.pool import build
+
+    model = tiny_checkpoint(tmp_path / "model")
+    _, store = pool_and_store(tmp_path, model)
+    build(model, tmp_path / "tiered", tiers="int8,int4", progress=False)
+    port = free_port()
+    proc = start_server(tmp_path / "tiered", store, port, "--memory", "40%", "--novices")
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for domain in ("cooking", "python"):
+            r = httpx.post(f"{url}/v1/completions", json={"prompt": QUERIES[domain], "max_tokens": 5}, timeout=60)
+            assert r.status_code == 200 and r.json()["domex"]["domain"] == domain
+            assert r.json()["usage"]["completion_tokens"] > 0
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+    for flags, message in ((["--memory", "4"], "--memory: a share of the expert bytes"),
+                           (["--novices"], "--novices comes with plans"),
+                           (["--memory", "40%", "--scheduler", "static"], "needs the continuous scheduler")):
+        with pytest.raises(RuntimeError, match=message):
+            start_server(tmp_path / "tiered", store, free_port(), *flags)

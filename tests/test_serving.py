@@ -245,3 +245,37 @@ def test_a_failing_step_fails_its_rows_and_the_worker_goes_on(pools, monkeypatch
     job = after.job(ids[1], mask, 3)
     scheduler.submit(job)
     assert after.done.wait(60) and after.error is None and job.tokens == solo(engine, ids[1], mask, 3)[:len(job.tokens)]
+
+
+def test_plan_rows_with_tiers_and_novices_equal_their_solo_runs(tmp_path):
+    """Rows under different plans (one expert at bf16 for one row and int4 for another; novices for some) share
+    batches, each routed to its own tier's copy, and every request equals its solo run under its plan."""
+    import numpy as np
+
+    from domex.store.plan import NOVICE, Plan
+
+    build(tiny_checkpoint(tmp_path / "model", num_experts=E, num_layers=L, top_k=K), tmp_path / "pool", tiers="int8,int4",
+          progress=False)
+    engine = Engine.open(tmp_path / "pool", budget=str(E), tier_slots={"int8": E, "int4": E})
+    base = engine.pool.manifest.base_tier
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(0, 0.5, (L, E, engine.model.config.hidden_size)).astype(np.float32)
+    plans = [Plan.of(E, [{0: base, 1: "int4", 2: "int8", 3: "int4"}] * L),
+             Plan.of(E, [{0: "int4", 1: base, 2: base, 5: NOVICE, 6: NOVICE}] * L),
+             Plan.of(E, [{1: "int8", 3: base, 4: "int4", 7: NOVICE}] * L)]
+    novices = [None, vectors, vectors]
+    cases = [(ids, i % 3, 3 + 2 * i) for i, ids in enumerate(prompts(6, seed=11))]
+    expected = []
+    for ids, p, n in cases:
+        engine.ensure(plans[p], novices[p])
+        out = engine.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=n).tolist()[0][len(ids):]
+        eos = engine.model.generation_config.eos_token_id
+        expected.append(out[:out.index(eos)] if eos in out else out)
+    scheduler = ContinuousScheduler(engine, max_batch=4)
+    outcomes = [Outcome() for _ in cases]
+    jobs = [o.job(ids, plans[p], n, novices=novices[p]) for o, (ids, p, n) in zip(outcomes, cases)]
+    for job in jobs:
+        scheduler.submit(job)
+    for o in outcomes:
+        assert o.done.wait(60) and o.error is None, o.error
+    assert [j.tokens for j in jobs] == expected
