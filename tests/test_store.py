@@ -411,3 +411,29 @@ def test_compact_shrinks_keeps_every_domain_and_refuses_an_open_store(tmp_path):
     assert again.generation == kept.generation and again.names == ["d5"]
     np.testing.assert_array_equal(again.get("d5").embeddings, kept.get("d5").embeddings)
     assert again.get("d5").record() == kept.get("d5").record()
+
+
+def test_novices_round_trip_and_records_from_before_them_open(tmp_path):
+    import dataclasses
+
+    rng = np.random.default_rng(3)
+    with_novices = dataclasses.replace(make_pattern("math"), novices=rng.random((L, E, 16), dtype=np.float32),
+                                       novice_fit=rng.random((L, E), dtype=np.float32))
+    store = Store.open(tmp_path / "s", fingerprint=FP)
+    store.register(with_novices)
+    store.register(make_pattern("code", seed=1))
+    got = store.get("math")
+    np.testing.assert_array_equal(got.novices, with_novices.novices)
+    np.testing.assert_array_equal(got.novice_fit, with_novices.novice_fit)
+    assert store.get("code").novices is None
+    # a record written before novices existed has no "extras" key
+    record = json.loads(store._read(lambda txn: bytes(txn.get(b"code", db=store._dbs["domains"]))))
+    del record["extras"]
+    store._write(lambda txn: txn.put(b"code", json.dumps(record).encode(), db=store._dbs["domains"]))
+    assert store.get("code").novices is None and store.get("code").name == "code"
+    store.register(with_novices, replace=True)  # replacing drops and rewrites the extras too
+    store.delete("math")
+    assert store.names() == ["code"]
+    leftovers = store._read(lambda txn: [bytes(k) for k in txn.cursor(db=store._dbs["scores"]).iternext(values=False)
+                                         if bytes(k).startswith(b"math/")])
+    assert leftovers == []
