@@ -1,6 +1,7 @@
 """domex.runtime: everything that touches a model.
 
-A request's path, one module per step: server -> selection (match, fallback policy, mask) ->
-serving (admission, continuous batching) -> cache (make resident from the pool) -> routing (each
-row restricted to its mask) -> engine (the model's forward).
+A request's path, one module per step: server -> selection (match, fallback policy, mask or plan) ->
+serving (admission, continuous batching) -> cache (make resident from the pool, per tier) -> routing
+(each row restricted to its mask; skipping, novices) -> engine (the model's forward; quantised experts
+dequantised when used, quant.py).
 """
