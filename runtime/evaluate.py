@@ -609,8 +609,8 @@ def evaluate(pool, store, *, budgets=DEFAULT_BUDGETS, criteria=DEFAULT_CRITERIA,
                "jaccard": [[round(jaccard(a, b), 4) for b in masks] for a in masks]}
     target_budget = min({r.budget for r in quality if r.kind != "full"}, key=lambda b: abs(b - TARGET_BUDGET))
     setup = {"about": about, "pool": str(engine.pool.dir), "store": str(store.path), "fingerprint": store.fingerprint(),
-             "model_type": engine.pool.manifest.model_type, "dtype": str(engine.model.dtype).removeprefix("torch."), "moe_layers": engine.pool.manifest.num_layers,
-             "experts": engine.pool.manifest.num_experts, "top_k": int(next(iter(patterns.values())).settings["top_k"]),
+             "model_type": manifest.model_type, "dtype": str(engine.model.dtype).removeprefix("torch."),
+             "moe_layers": manifest.num_layers, "experts": manifest.num_experts, "top_k": int(next(iter(patterns.values())).settings["top_k"]),
              "domains": list(names), "criteria": list(criteria), "budgets": [b.text for b in budgets],
              "random_seeds": list(RANDOM_SEEDS), "eval_dir": str(eval_dir), "max_passages": max_passages,
              "routing_passages_asked": routing_passages,
