@@ -110,32 +110,43 @@ def allocate(scores: np.ndarray, budget_bytes: int, tier_bytes: dict[str, int], 
         raise BudgetError(f"a byte budget of {budget_bytes:,} gives each of the {L} MoE layers {per_layer:,.0f} bytes, "
                           f"less than top_k={top_k} experts at the cheapest tier ({cheapest}: {tier_bytes[cheapest]:,} "
                           "bytes each); raise the budget")
+    real = [t for t in order if t != NOVICE]
     layers = []
     for l in range(L):
-        s = np.maximum(scores[l].astype(np.float64), 0.0)
-        value = {t: s * (1.0 - (errors[t][l] if t in errors else 0.0)) for t in order}  # tier -> [E]
-        held: dict[int, str] = {}
-        for e in sorted(range(E), key=lambda e: (-s[e], e))[:top_k]:
-            held[e] = cheapest
+        s = np.maximum(scores[l].astype(np.float64), 0.0)  # [E]
+        held = {e: cheapest for e in sorted(range(E), key=lambda e: (-s[e], e))[:top_k]}
         used = top_k * tier_bytes[cheapest]
-        for tiers in ([t for t in order if t != NOVICE], [NOVICE] if NOVICE in order else []):
-            while True:
-                best, best_gain = None, 0.0
-                for e in range(E):
-                    now = held.get(e)
-                    v0, b0 = (value[now][e], tier_bytes[now]) if now else (0.0, 0)
-                    for t in tiers[tiers.index(now) + 1:] if now in tiers else ([] if now else tiers):
-                        extra = tier_bytes[t] - b0
-                        gain = (value[t][e] - v0) / extra
-                        if used + extra <= per_layer and gain > best_gain:
-                            best, best_gain = (e, t, extra), gain
-                if best is None:
-                    break
-                e, t, extra = best
-                held[e] = t
-                used += extra
+        for tiers in (real, [NOVICE] if NOVICE in order else []):  # real experts first, then novices in what is left
+            used = _greedy(held, used, per_layer, s, tiers, tier_bytes, errors, l)
         layers.append(held)
     return Plan.of(E, layers)
+
+
+def _greedy(held: dict[int, str], used: float, per_layer: float, s: np.ndarray, tiers: list[str],
+            tier_bytes: dict[str, int], errors: dict[str, np.ndarray], l: int) -> float:
+    """Step 3 (or 4) of the module docstring on one layer, over `tiers` (cheapest first); updates `held`,
+    returns the bytes used. Experts held at a tier outside `tiers` do not move."""
+    if not tiers:
+        return used
+    nbytes = np.array([tier_bytes[t] for t in tiers], dtype=np.float64)  # [T]
+    value = np.stack([s * (1.0 - (errors[t][l] if t in errors else 0.0)) for t in tiers], axis=1)  # [E, T]
+    E = len(s)
+    level = np.array([tiers.index(held[e]) if held.get(e) in tiers else (-1 if e not in held else len(tiers))
+                      for e in range(E)])  # [E]: the tier index held, -1 none, len(tiers) fixed elsewhere
+    while True:
+        at = np.clip(level, 0, len(tiers) - 1)
+        v0 = np.where(level >= 0, value[np.arange(E), at], 0.0)  # [E] value held now
+        b0 = np.where(level >= 0, nbytes[at], 0.0)  # [E] bytes held now
+        extra = nbytes[None, :] - b0[:, None]  # [E, T]
+        gain = np.where((np.arange(len(tiers))[None, :] > level[:, None]) & (used + extra <= per_layer),
+                        (value - v0[:, None]) / np.where(extra > 0, extra, 1.0), 0.0)  # [E, T]
+        best = int(np.argmax(gain))  # first maximum: the lower expert id, then the cheaper tier
+        if gain.flat[best] <= 0:
+            return used
+        e, t = divmod(best, len(tiers))
+        level[e] = t
+        held[e] = tiers[t]
+        used += extra[e, t]
 
 
 def memory_bytes(memory: Budget | str, num_layers: int, num_experts: int, expert_bytes: int) -> int:
