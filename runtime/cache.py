@@ -180,11 +180,7 @@ class ExpertCache:
         """[E] expert -> the id the experts forward knows it by under `plan`: a base slot, or a quantised tier's
         slot numbered after the base slots, the scratch rows and the sentinel (-1: not in the plan)."""
         ids = torch.full((plan.num_experts,), -1, dtype=torch.long)
-        offset = self.num_slots + self.scratch + 1
-        offsets = {}
-        for name, tier in self.tiers.items():
-            offsets[name] = offset
-            offset += tier.num_slots
+        offsets = self._first_ids()
         for e, name in plan.layers[l]:
             if name == self.pool.manifest.base_tier:
                 ids[e] = self._slot_of[l][e]
@@ -196,13 +192,19 @@ class ExpertCache:
         """How many ids the experts forward may see: base slots, scratch rows, the sentinel, every tier's slots."""
         return self.num_slots + self.scratch + 1 + sum(t.num_slots for t in self.tiers.values())
 
-    def tier_of(self, slot_id: int, l: int) -> tuple["TierSlots", int]:
+    def _first_ids(self) -> dict[str, int]:
+        """tier -> the id of its slot 0: quantised tiers are numbered after the base slots, scratch rows and sentinel."""
+        first, out = self.num_slots + self.scratch + 1, {}
+        for name, tier in self.tiers.items():
+            out[name] = first
+            first += tier.num_slots
+        return out
+
+    def tier_of(self, slot_id: int) -> tuple["TierSlots", int]:
         """(tier, its slot) of a quantised id from `plan_slots`."""
-        offset = self.num_slots + self.scratch + 1
-        for tier in self.tiers.values():
-            if slot_id < offset + tier.num_slots:
-                return tier, slot_id - offset
-            offset += tier.num_slots
+        for name, first in self._first_ids().items():
+            if first <= slot_id < first + self.tiers[name].num_slots:
+                return self.tiers[name], slot_id - first
         raise IndexError(f"slot id {slot_id} is past every tier's slots")
 
     def _load(self, jobs: list[tuple[int, int, int]]) -> int:

@@ -235,7 +235,7 @@ def tiered_forward(experts: torch.nn.Module, cache: ExpertCache, l: int):
         for start in range(0, len(used), cache.scratch):
             local = torch.full_like(top_k_index, sentinel)  # [T, k]
             for row, slot_id in enumerate(used[start:start + cache.scratch], start=base):
-                tier, s = cache.tier_of(slot_id, l)
+                tier, s = cache.tier_of(slot_id)
                 for name, weight in decode(tier.record(l, s), names, tier.name, dtype).items():
                     getattr(experts, name)[row].copy_(weight)
                 local[top_k_index == slot_id] = row
