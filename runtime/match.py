@@ -154,8 +154,9 @@ def routing_profile(model: torch.nn.Module, input_ids: torch.Tensor, attention_m
 
     handle = router.register_forward_pre_hook(hook)
     try:
-        with torch.no_grad():
-            model(input_ids=input_ids, attention_mask=attention_mask)
+        with torch.no_grad():  # the base model without a KV cache; no mask when nothing is padded (the causal fast path)
+            padded = attention_mask is not None and not bool(attention_mask.all())
+            model.base_model(input_ids=input_ids, attention_mask=attention_mask if padded else None, use_cache=False)
     except _StopForward:
         pass
     finally:
