@@ -16,7 +16,7 @@ import torch
 from domex.store.budget import Budget
 from domex.errors import CacheTooSmall
 from domex.store.mask import Mask
-from domex.store.plan import NOVICE, Plan
+from domex.store.plan import Plan
 
 from . import device as dev
 from .checkpoint import dtype_of
@@ -102,8 +102,7 @@ class ExpertCache:
         m = self.pool.manifest
         union: dict[str, list[set]] = {}
         for w in wanted if isinstance(wanted, list) else [wanted]:
-            tiers = {m.base_tier: w.layers} if isinstance(w, Mask) else {t: w.at(t) for t in w.tiers() if t != NOVICE}
-            for tier, layers in tiers.items():
+            for tier, layers in ({m.base_tier: w.layers} if isinstance(w, Mask) else w.held()).items():
                 acc = union.setdefault(tier, [set() for _ in range(m.num_layers)])
                 for l, experts in enumerate(layers):
                     acc[l].update(experts)
@@ -166,26 +165,27 @@ class ExpertCache:
     def check_tiers(self, plan: Plan) -> None:
         """Refuse a plan whose quantised experts the cache has no slots (or the pool no tier) for."""
         m = self.pool.manifest
-        for name in plan.tiers():
-            if name in (m.base_tier, NOVICE):
+        for name, layers in plan.held().items():
+            if name == m.base_tier:
                 continue
             m.tier_bytes(name)  # the pool must hold the tier
             have = self.tiers[name].num_slots if name in self.tiers else 0
-            most = max(len(layer) for layer in plan.at(name))
+            most = max(map(len, layers))
             if most > have:
                 raise CacheTooSmall(f"the plan holds {most} experts at {name} in one MoE layer but the expert cache has "
                                     f"{have} {name} slots per layer; open the engine with tier_slots={{'{name}': {most}}} or more")
 
-    def plan_slots(self, plan: Plan, l: int) -> torch.Tensor:
-        """[E] expert -> the id the experts forward knows it by under `plan`: a base slot, or a quantised tier's
-        slot numbered after the base slots, the scratch rows and the sentinel (-1: not in the plan)."""
-        ids = torch.full((plan.num_experts,), -1, dtype=torch.long)
-        offsets = self._first_ids()
-        for e, name in plan.layers[l]:
-            if name == self.pool.manifest.base_tier:
-                ids[e] = self._slot_of[l][e]
-            elif name != NOVICE:
-                ids[e] = offsets[name] + self.tiers[name].slot_of[l][e]
+    def ids_of(self, wanted: Mask | Plan, l: int) -> torch.Tensor:
+        """[E] expert -> the id the experts forward knows it by in MoE layer l (-1: not resident): for a mask its base
+        slot; under a plan a base slot, or a quantised tier's slot numbered after the base slots, the scratch rows
+        and the sentinel (novices: -1, they are vectors)."""
+        if isinstance(wanted, Mask):
+            return self.slot_of[l]
+        ids = torch.full((wanted.num_experts,), -1, dtype=torch.long)
+        first = self._first_ids()
+        for name, layers in wanted.held().items():
+            for e in layers[l]:
+                ids[e] = self._slot_of[l][e] if name == self.pool.manifest.base_tier else first[name] + self.tiers[name].slot_of[l][e]
         return ids.to(self.device)
 
     def id_count(self) -> int:
@@ -201,7 +201,7 @@ class ExpertCache:
         return out
 
     def tier_of(self, slot_id: int) -> tuple["TierSlots", int]:
-        """(tier, its slot) of a quantised id from `plan_slots`."""
+        """(tier, its slot) of a quantised id from `ids_of`."""
         for name, first in self._first_ids().items():
             if first <= slot_id < first + self.tiers[name].num_slots:
                 return self.tiers[name], slot_id - first

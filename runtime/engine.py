@@ -52,8 +52,8 @@ class EngineStats:
 class Engine:
     """A model served from an expert pool with a bounded resident set; see the module docstring."""
 
-    def __init__(self, pool: Pool, model: torch.nn.Module, cache: ExpertCache, mode: str):
-        self.pool, self.model, self.cache, self.mode = pool, model, cache, mode
+    def __init__(self, pool: Pool, model: torch.nn.Module, cache: ExpertCache, mode: str, skip_ratio: float = 0.0):
+        self.pool, self.model, self.cache, self.mode, self.skip_ratio = pool, model, cache, mode, skip_ratio
         self.device = cache.device
         self.mask: Mask | None = None
         self.loads = 0
@@ -93,9 +93,7 @@ class Engine:
             honour_sentinels(experts, skip_ratio > 0 or bool(cache.tiers))
             if cache.tiers:
                 experts.forward = tiered_forward(experts, cache, l)
-        engine = cls(pool, model, cache, mode)
-        engine.skip_ratio = skip_ratio
-        return engine
+        return cls(pool, model, cache, mode, skip_ratio)
 
     def ensure(self, wanted: Mask | Plan | list, novices: np.ndarray | None = None) -> LoadReport:
         """Make a mask's experts (or a plan's, each at its tier) resident, reading only missing ones, and restrict
@@ -109,7 +107,7 @@ class Engine:
         mask = functools.reduce(Mask.union, masks)
         blocks = self.pool.adapter.moe_blocks(self.model)
         for l, ((_, block), kept) in enumerate(zip(blocks, mask.layers)):
-            slot_of = self.cache.plan_slots(plan, l) if plan else self.cache.slot_of[l]
+            slot_of = self.cache.ids_of(plan or mask, l)
             vectors = {e: novices[l, e] for e in plan.at(NOVICE)[l]} if plan and novices is not None else None
             router = self.pool.adapter.router(block)
             restrict_router(router, self._router_cfg, kept, slot_of=slot_of, mode=self.mode, skip_ratio=self.skip_ratio,
@@ -133,7 +131,7 @@ class Engine:
             slot_of = torch.full((len(wanted), E), -1, dtype=torch.long)  # [B, E]: each row's expert -> id
             for b, w in enumerate(wanted):
                 allowed[b, list((w.mask if isinstance(w, Plan) else w).layers[l])] = True
-                slot_of[b] = (self.cache.plan_slots(w, l) if isinstance(w, Plan) else self.cache.slot_of[l]).cpu()
+                slot_of[b] = self.cache.ids_of(w, l).cpu()
             vectors = is_novice = None
             if any(v is not None for v in novices):
                 is_novice = torch.zeros(len(wanted), E, dtype=torch.bool)  # [B, E]

@@ -40,7 +40,7 @@ from domex.store.db import Store
 from domex.errors import ConfigError
 from domex.store.mask import Mask
 from domex.store.pattern import Pattern
-from domex.store.plan import NOVICE, Plan
+from domex.store.plan import Plan, pool_plan
 from domex.store.scores import CRITERIA, PRIMARY, check_criteria
 
 from .indexer import context_length, jaccard
@@ -304,7 +304,7 @@ def score_mask(engine, wanted: Mask | Plan, data: list[tuple[torch.Tensor, torch
     used = 0
     for l, (slot_counts, kept) in enumerate(zip(counts, mask.layers)):
         # [E] expert -> the id the experts forward knows it by, -1 when absent
-        slot_of = (engine.cache.plan_slots(wanted, l) if isinstance(wanted, Plan) else engine.cache.slot_of[l]).cpu()
+        slot_of = engine.cache.ids_of(wanted, l).cpu()
         experts = {e for e in range(len(slot_of)) if slot_of[e] >= 0 and slot_counts[slot_of[e]] > 0}
         assert experts <= set(kept), f"layer {l}: routed to experts {sorted(experts - set(kept))} outside the mask"
         used += len(experts)
@@ -399,12 +399,7 @@ def evaluate_quality(engine, runs: list[Run], data: dict[str, list], tasks: dict
 def memory_plan(pattern: Pattern, manifest, memory: str, quantised: bool, novices: bool) -> tuple[Plan, dict[str, int]]:
     """The domain's plan for one method (its pool's dtype only, or every tier of the pool; with novices or not),
     and the bytes of one expert at each tier it may use (a novice: H values at the pool's dtype)."""
-    from domex.store.plan import domain_plan
-
-    tier_bytes, errors = manifest.tier_table(None if quantised else ())
-    novice_bytes = manifest.novice_bytes(pattern.novices.shape[-1]) if novices else None
-    plan = domain_plan([pattern], memory, tier_bytes, errors, base_bytes=manifest.expert_bytes, novice_bytes=novice_bytes)
-    return plan, {**tier_bytes, NOVICE: novice_bytes or 0}
+    return pool_plan([pattern], memory, manifest, tiers=None if quantised else (), novices=novices)
 
 
 def evaluate_memory(engine, patterns: dict[str, Pattern], memories: list[str], data: dict[str, list],

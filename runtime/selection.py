@@ -20,7 +20,7 @@ from domex.store.budget import RULES, Budget, domain_mask
 from domex.store.db import Snapshot, Store
 from domex.errors import ConfigError, DomexError, EmptyStore, UnknownDomain
 from domex.store.mask import Mask
-from domex.store.plan import Plan, domain_plan, memory_bytes
+from domex.store.plan import Plan, memory_bytes, pool_plan
 from domex.store.scores import CRITERIA, PRIMARY
 
 from .device import DTYPES
@@ -171,13 +171,8 @@ class MaskBook:
     def _build(self, patterns: list) -> Mask | Plan:
         if self.memory is None:
             return domain_mask(patterns, self.budget, self.criterion, self.rule)
-        m = self.manifest
-        tier_bytes, errors = m.tier_table()
-        novice_bytes = None
-        if self._takes_novices(patterns):
-            novice_bytes = m.novice_bytes(patterns[0].novices.shape[-1])
-        return domain_plan(patterns, self.memory, tier_bytes, errors, self.criterion, base_bytes=m.expert_bytes,
-                           novice_bytes=novice_bytes)
+        return pool_plan(patterns, self.memory, self.manifest, novices=self._takes_novices(patterns),
+                         criterion=self.criterion)[0]
 
     def _takes_novices(self, patterns: list) -> bool:
         return self.with_novices and len(patterns) == 1 and patterns[0].novices is not None
@@ -259,15 +254,13 @@ def route_command(store: str, text: str | None = None, file: str | None = None, 
 
 def plan_command(patterns: list, memory: str, pool: str | None, tiers: str | None, criterion: str, output: str) -> int:
     from domex.store.atomic import write_atomic
-    from domex.store.plan import domain_plan
 
     from .pool import PoolManifest
 
     if pool is None:
         raise ConfigError("--memory plans experts at the pool's tiers; pass --pool (the expert pool the store was made on)")
     manifest = PoolManifest.from_dir(pool)
-    tier_bytes, errors = manifest.tier_table(tiers)
-    plan = domain_plan(patterns, memory, tier_bytes, errors, criterion, base_bytes=manifest.expert_bytes)
+    plan, tier_bytes = pool_plan(patterns, memory, manifest, tiers=tiers, criterion=criterion)
     used, full = plan.bytes(tier_bytes), manifest.num_layers * manifest.num_experts * manifest.expert_bytes
     write_atomic(Path(output), json.dumps({**plan.to_json(), "bytes": used, "share": used / full}, indent=1).encode())
     counts = ", ".join(f"{n} at {t}" for t, n in sorted(plan.counts().items()))

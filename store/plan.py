@@ -67,6 +67,10 @@ class Plan:
         """[L] the experts held at `tier`."""
         return [[e for e, t in layer if t == tier] for layer in self.layers]
 
+    def held(self) -> dict[str, list[list[int]]]:
+        """tier -> [L] its experts, for every tier whose experts are resident (novices are vectors, not experts)."""
+        return {t: self.at(t) for t in self.tiers() if t != NOVICE}
+
     def tiers(self) -> list[str]:
         return sorted({t for layer in self.layers for _, t in layer})
 
@@ -177,3 +181,14 @@ def domain_plan(patterns: list, memory: Budget | str, tier_bytes: dict[str, int]
         tier_bytes = {**tier_bytes, NOVICE: novice_bytes}
         errors[NOVICE] = 1.0 - patterns[0].novice_fit
     return allocate(scores, total, tier_bytes, errors, int(patterns[0].settings["top_k"]))
+
+
+def pool_plan(patterns: list, memory: Budget | str, manifest, *, tiers=None, novices: bool = False,
+              criterion: str = PRIMARY) -> tuple[Plan, dict[str, int]]:
+    """The plan over an expert pool's tiers (`manifest`: its PoolManifest; `tiers` names the quantised ones it may use,
+    default all), with novices when asked; and one expert's bytes per tier, novices included, to price it with."""
+    tier_bytes, errors = manifest.tier_table(tiers)
+    novice_bytes = manifest.novice_bytes(patterns[0].novices.shape[-1]) if novices else None
+    plan = domain_plan(patterns, memory, tier_bytes, errors, criterion, base_bytes=manifest.expert_bytes,
+                       novice_bytes=novice_bytes)
+    return plan, {**tier_bytes, NOVICE: novice_bytes or 0}
