@@ -38,8 +38,8 @@ STORE = arg("--store", required=True, help="pattern store folder (domex register
 BUDGET_HELP = "'50%%' or '0.5' of E, experts per layer '16', or bytes '2GiB'"
 CRITERION = arg("--criterion", default=PRIMARY, help=f"which stored scores pick the experts (default {PRIMARY})")
 RULE = arg("--rule", default="uniform", help="uniform (same count per layer) or coverage")
-QUANTILE = arg("--ood-quantile", type=float, help="share of each domain's own demos its out-of-domain thresholds "
-               "flag, fitted by leave-one-out on the demos (default 0.03)")
+QUANTILE = arg("--ood-quantile", type=float, help="share of each domain's own demos (and their prompts) its "
+               "out-of-domain thresholds flag, fitted by leave-one-out on the demos (default 0.04)")
 JSON = arg("--json", dest="as_json", action="store_true", help="print JSON")
 DEVICE = arg("--device", default="cpu", help="cpu or cuda")
 SKIP = arg("--skip-ratio", type=float, default=0.0, help="dynamic skipping: drop a selected expert whose weight is below "

@@ -144,11 +144,11 @@ class Detection:
     """
 
     matcher: str
-    view: str  # the view whose per-domain thresholds flag out-of-domain
+    views: list[str]  # the views whose per-domain thresholds flag out-of-domain (any one failing flags it)
     per_kind: dict[str, float]  # share of each kind flagged out-of-domain
     caught: float  # leave-one-kind-out mean
     worst: str  # the kind caught least
-    thresholds: dict[str, float]  # domain -> its threshold
+    thresholds: dict[str, dict[str, float]]  # view -> domain -> its threshold
     seconds: float
 
 
@@ -473,9 +473,9 @@ def evaluate_detection(matcher, snapshot, ood: dict[str, list[str]]) -> Detectio
     start = time.perf_counter()
     per_kind = {kind: float(np.mean([m.ood for m in match_all(matcher, snapshot, texts)])) for kind, texts in ood.items()}
     views = matcher.views(snapshot)
-    own = views.text_thresholds if matcher.check == "text" else views.routing_thresholds  # [n]
-    return Detection(matcher.name, matcher.check, per_kind, float(np.mean(list(per_kind.values()))),
-                     min(per_kind, key=per_kind.get), dict(zip(views.names, own.tolist())), time.perf_counter() - start)
+    thresholds = {view: dict(zip(views.names, t.tolist())) for view, t in views.thresholds.items()}
+    return Detection(matcher.name, list(matcher.checked), per_kind, float(np.mean(list(per_kind.values()))),
+                     min(per_kind, key=per_kind.get), thresholds, time.perf_counter() - start)
 
 
 def match_all(matcher, snapshot, texts: list[str], chunk: int = 64) -> list:

@@ -1,30 +1,35 @@
 """Query matching: which stored domain a query belongs to, or that it belongs to none (DESIGN §3 online 1-2).
 
-A query is looked at through up to two views, each compared with every domain of one store snapshot:
-  text     the query's MiniLM embedding against the domain's demo embeddings (FAISS, inner product);
+A query is looked at through up to three views, each compared with every domain of one store snapshot:
+  text     the query's MiniLM embedding against the domain's vectors: each demo's embedding and, for a
+           chat demo, its prompt's embedding on its own (a request is short, like a prompt);
+  chars    the query's characters under the domain's character n-gram model (runtime/chars.py): what
+           the text is written in (a language, a programming language, a data format), which MiniLM
+           hardly sees;
   routing  the query's first-layer routing profile (mean router probabilities over its tokens)
            against the domain's signature, the summed profiles of its demos. The forward stops at
            that router, so no routed expert has to be resident.
 Three matchers use them:
   embedding  the k nearest demos vote (each adds its cosine to its domain's tally); text view only.
   signature  the domain whose signature is nearest (PreMoe's approach); routing view only.
-  hybrid     (default) score = 0.8 x cosine with the domain's mean demo embedding
-             + 0.2 x routing cosine: the routing view breaks the text view's near-ties.
-Out-of-domain: the chosen domain's own threshold is checked, on the text view (embedding, hybrid:
-the mean cosine of the query's 3 nearest demos of that domain) or the routing view (signature).
+  hybrid     (default) score = 0.8 x cosine with the domain's mean vector + 0.2 x routing cosine:
+             the routing view breaks the text view's near-ties.
+Out-of-domain: the chosen domain's own thresholds are checked, and one failed check flags the query.
+Embedding and hybrid check the text view (the mean cosine of the query's 3 nearest vectors of that
+domain) and the chars view (mean log-probability per character); signature checks the routing view.
+On patterns/dev the two checks catch different kinds (the text view prose on other topics, the chars
+view other languages and formats): with the hybrid at the default quantile, together 86% of dev OOD at 1.6%
+false alarms on dev queries (the text check alone: 73% at 2.3%; the chars check alone: 61% at 1.6%). The routing check flagged short requests far more often than it caught unrelated text, and
+Mahalanobis distances caught less than the nearest-vector check, so neither is used by the hybrid.
 Thresholds come from the domain's demos alone (DESIGN §12), by leave-one-out: each demo, and each
-chat demo's prompt on its own (a request is short, like a prompt), is compared with the domain's
-other demos. A threshold is the `quantile` of those similarities, so about that share of in-domain
-requests is flagged. On the dev sets (patterns/dev) the routing check flagged short requests far
-more often than it caught unrelated text, so the hybrid checks the text view only; Mahalanobis and
-relative Mahalanobis distances (shrunk shared covariance) caught less than the nearest-demo check
-at the same false-alarm rate (20-59% against 63% of dev OOD). The fallback policy then says which
-domains' experts serve an out-of-domain query.
+chat demo's prompt on its own, is scored against the domain's other demos. Each check's threshold is
+the `quantile` / (number of checks) quantile of those scores, so about `quantile` of in-domain
+requests is flagged. The fallback policy then says which domains' experts serve an out-of-domain query.
 
-Everything derived from the store (thresholds, centroids, signatures) is built once per snapshot
-generation and shared by every request that reads that snapshot.
+Everything derived from the store (vectors, thresholds, character models, signatures) is built once
+per snapshot generation and shared by every request that reads that snapshot.
 
-Legend: Q queries, k neighbours, N demos, n domains, D embedding dim, E routed experts, T tokens.
+Legend: Q queries, k neighbours, N demos, M vectors, n domains, D embedding dim, E routed experts, T tokens.
 """
 
 from __future__ import annotations
@@ -44,14 +49,14 @@ from domex.store.embed import get_embedder
 from domex.errors import ConfigError, EmptyStore
 from domex.store.index import DemoIndex
 
+from .chars import CharModel
 from .routing import router_logits, router_probs
 
 POLICIES = ("nearest", "union", "general", "full")
 MATCHERS = ("embedding", "signature", "hybrid")
-QUANTILE = 0.03  # share of in-domain demos a threshold lets through as false alarms
+QUANTILE = 0.04  # share of in-domain probes the thresholds together flag (2% each for text and chars)
 TEXT_WEIGHT = 0.8  # hybrid: the text view's share of a domain's score (chosen on patterns/dev)
 NEIGHBOURS = 3  # the text check: mean cosine of the query's nearest demos of the domain
-SEARCH_K = 64  # demos fetched per query: a domain with NEIGHBOURS among them gets its exact text check
 MAX_TOKENS = 256  # the routing view reads the first 256 tokens of a text
 
 
@@ -59,8 +64,8 @@ MAX_TOKENS = 256  # the routing view reads the first 256 tokens of a text
 class Check:
     """One view's out-of-domain test of a query against the chosen domain."""
 
-    view: str  # "text" or "routing"
-    similarity: float
+    view: str  # "text", "chars" or "routing"
+    similarity: float  # text, routing: cosine; chars: mean log-probability per character
     threshold: float  # the domain's own, from its demos
 
     @property
@@ -73,13 +78,24 @@ class Match:
     domain: str  # the best domain, also when the query is out-of-domain
     similarity: float  # the matcher's score of that domain (embedding: cosine to its nearest demo)
     margin: float  # score minus the runner-up domain's (1.0 when there is none)
-    ood: bool  # the check failed
+    ood: bool  # a check failed
     matcher: str
     runner_up: str | None = None
-    check: Check | None = None
+    checks: tuple[Check, ...] = ()
 
     def to_json(self) -> dict:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class DomainViews:
+    """One domain's part of the Views, kept while the domain is unchanged."""
+
+    vectors: np.ndarray  # [N + chat demos, D] its demos' embeddings, then its prompts'
+    centroid: np.ndarray  # [D] unit mean of the vectors
+    chars: CharModel
+    thresholds: dict[str, float]  # view -> threshold
+    signature: np.ndarray | None  # [E]
 
 
 @dataclass(frozen=True)
@@ -88,10 +104,16 @@ class Views:
 
     generation: int
     names: list[str]
-    centroids: np.ndarray  # [n, D] unit mean demo embedding per domain
-    text_thresholds: np.ndarray | None  # [n] (None: no text check)
+    vectors: np.ndarray  # [M, D] every domain's demo and prompt embeddings, domain by domain
+    spans: np.ndarray  # [n + 1] domain j's vectors are rows spans[j]:spans[j + 1]
+    centroids: np.ndarray  # [n, D] unit mean vector per domain
+    chars: list[CharModel]  # [n] character model of each domain's demos and prompts
+    thresholds: dict[str, np.ndarray]  # view -> [n] per-domain threshold, for the views this matcher checks
     signatures: np.ndarray | None  # [n, E] unit routing signature per domain (None: no routing view)
-    routing_thresholds: np.ndarray | None  # [n] (None: no routing check)
+
+    def text_check(self, vec: np.ndarray, j: int) -> float:
+        """The text view's score of one query [D] against domain j."""
+        return closest(self.vectors[self.spans[j]:self.spans[j + 1]] @ vec)
 
 
 def vote(sims: np.ndarray, labels: list[str]) -> tuple[str, float, str | None, float]:
@@ -120,12 +142,9 @@ def calibrate(similarities: list[float], quantile: float) -> float:
     return float(np.quantile(similarities, quantile)) if similarities else float("-inf")
 
 
-def leave_one_out(own: np.ndarray, prompts: np.ndarray, owners: list[int], score) -> list[float]:
-    """score(x, the other demos' rows) of each demo [N, X], then of each chat prompt [P, X] (owners: its demo)."""
-    if len(own) < 2:
-        return []
-    rows = [*enumerate(own), *zip(owners, prompts)]
-    return [score(x, np.delete(np.arange(len(own)), i)) for i, x in rows]
+def leave_one_out(probes: list, owners: list[int], score) -> list[float]:
+    """score(probe, its demo) of every probe (a demo's text, or a chat demo's prompt); [] with fewer than 2 demos."""
+    return [score(x, i) for x, i in zip(probes, owners)] if len(set(owners)) > 1 else []
 
 
 class _StopForward(Exception):
@@ -181,12 +200,14 @@ class Matcher:
             raise ConfigError(f"--ood-quantile must be in [0, 1), got {quantile}")
         self.store, self.name, self.k, self.quantile = store, name, k, quantile
         self.uses_text, self.uses_routing = name != "signature", name != "embedding"
-        self.check = "routing" if name == "signature" else "text"  # the view whose threshold flags out-of-domain
+        self.checked = ("routing",) if name == "signature" else ("text", "chars")  # the views whose thresholds flag OOD
         self.model = model
         self.tokenizer = copy.deepcopy(tokenizer)  # padding/truncation are tokenizer state: ours alone
         self.embedder = get_embedder()
         self.index = DemoIndex(store)
         self._views = PerGeneration(self._build)
+        self._domains: dict[tuple[str, str], DomainViews] = {}  # (name, updated) -> what _domain derived
+        self._domains_lock = threading.Lock()
         self._tokenizer_lock = threading.Lock()
 
     # -- the query's views ---------------------------------------------------------------------
@@ -201,53 +222,48 @@ class Matcher:
             out.append(routing_profile(self.model, batch["input_ids"], batch["attention_mask"]))
         return np.concatenate(out)
 
-    def closest_demos(self, vecs: np.ndarray, snapshot: Snapshot, names: list[str]) -> tuple[np.ndarray, np.ndarray, list[list[str]]]:
-        """([Q, n] text check of each query against each domain, [Q, k] neighbours' cosines, their labels).
-
-        A domain with fewer than NEIGHBOURS demos among the SEARCH_K nearest is padded with the
-        farthest fetched similarity, an upper bound.
-        """
-        sims, labels = self.index.search(vecs, max(SEARCH_K, self.k), snapshot)  # [Q, k'], [Q][k']
-        column = {n: j for j, n in enumerate(names)}
-        per_domain = [[[] for _ in names] for _ in sims]  # [Q][n] similarities, descending
-        for q, (row, row_labels) in enumerate(zip(sims.tolist(), labels)):
-            for s, label in zip(row, row_labels):
-                per_domain[q][column[label]].append(s)
-        sizes = [len(snapshot.get(n).demos) for n in names]
-        check = np.array([[closest(np.array(found + [row[-1]] * (min(NEIGHBOURS, size) - len(found))))
-                           for found, size in zip(per_domain[q], sizes)] for q, row in enumerate(sims.tolist())])
-        return check, sims[:, :self.k], [row[:self.k] for row in labels]
-
     # -- per snapshot ----------------------------------------------------------------------------
 
     def views(self, snapshot: Snapshot) -> Views:
         return self._views.get(snapshot)
 
     def _build(self, snapshot: Snapshot) -> Views:
-        """Centroids, signatures and per-domain thresholds by leave-one-out over each domain's demos."""
         names = snapshot.names
         if not names:
             raise EmptyStore(f"store {self.store.path} holds no domains, so no query can be matched; register a domain first")
-        centroids, text_thr, signatures, routing_thr = [], [], [], []
-        for name in names:
-            p = snapshot.get(name)
-            demos = [Demo.from_json(d) for d in p.demos]
-            chats = [i for i, d in enumerate(demos) if d.is_chat]  # a request alone is a probe too
-            prompts = [demos[i].prompt for i in chats]
-            centroids.append(unit(p.embeddings.mean(axis=0)))
-            if self.check == "text":
-                probes = leave_one_out(p.embeddings, self.embedder.encode(prompts), chats,
-                                       lambda x, rest: closest(p.embeddings[rest] @ x))
-                text_thr.append(calibrate(probes, self.quantile))
-            if self.uses_routing:
-                profiles = self.profiles([d.text for d in demos])  # [N, E]
-                signatures.append(unit(profiles.sum(axis=0)))
-            if self.check == "routing":
-                probes = leave_one_out(profiles, self.profiles(prompts) if prompts else profiles[:0], chats,
-                                       lambda h, rest: float(unit(h) @ unit(profiles[rest].sum(axis=0))))
-                routing_thr.append(calibrate(probes, self.quantile))
-        return Views(snapshot.generation, names, np.stack(centroids), np.array(text_thr) if text_thr else None,
-                     np.stack(signatures) if signatures else None, np.array(routing_thr) if routing_thr else None)
+        keys = [(n, snapshot.get(n).updated) for n in names]
+        with self._domains_lock:  # a domain unchanged since the last generation is not derived again
+            self._domains = {key: self._domains.get(key) or self._domain(snapshot.get(key[0])) for key in keys}
+            domains = [self._domains[key] for key in keys]
+        return Views(snapshot.generation, names, np.concatenate([d.vectors for d in domains]),
+                     np.cumsum([0] + [len(d.vectors) for d in domains]), np.stack([d.centroid for d in domains]),
+                     [d.chars for d in domains], {view: np.array([d.thresholds[view] for d in domains]) for view in self.checked},
+                     np.stack([d.signature for d in domains]) if self.uses_routing else None)
+
+    def _domain(self, p) -> "DomainViews":
+        """One domain's vectors, character model, signature and thresholds (leave-one-out over its demos)."""
+        share = self.quantile / len(self.checked)  # each check's part of the false alarms
+        demos = [Demo.from_json(d) for d in p.demos]
+        chats = [i for i, d in enumerate(demos) if d.is_chat]
+        texts = [d.text for d in demos] + [demos[i].prompt for i in chats]  # the probes: texts, then prompts alone
+        owners = list(range(len(demos))) + chats  # the demo each probe comes from
+        own = np.array(owners)
+        vecs = np.concatenate([p.embeddings, self.embedder.encode(texts[len(demos):])])  # [N + chats, D]
+        chars = CharModel.fit(texts)
+        signature, thresholds = None, {}
+        if "text" in self.checked:
+            thresholds["text"] = calibrate(leave_one_out(vecs, owners, lambda x, i: closest(vecs[own != i] @ x)), share)
+        if "chars" in self.checked:
+            thresholds["chars"] = calibrate(leave_one_out(texts, owners, lambda t, i: chars.score(
+                t, without=CharModel.fit([texts[j] for j in np.flatnonzero(own == i)]))), share)
+        if self.uses_routing:
+            profiles = self.profiles([d.text for d in demos])  # [N, E]
+            signature = unit(profiles.sum(axis=0))
+        if "routing" in self.checked:
+            probes = [*profiles, *(self.profiles(texts[len(demos):]) if chats else [])]
+            thresholds["routing"] = calibrate(leave_one_out(probes, owners, lambda h, i: float(
+                unit(h) @ unit(np.delete(profiles, i, axis=0).sum(axis=0)))), share)
+        return DomainViews(vecs, unit(vecs.mean(axis=0)), chars, thresholds, signature)
 
     # -- matching --------------------------------------------------------------------------------
 
@@ -257,12 +273,13 @@ class Matcher:
         v = self.views(snapshot)
         column = {n: j for j, n in enumerate(v.names)}
         vecs = self.embedder.encode(texts) if self.uses_text else None  # [Q, D]
-        text_check, knn_sims, knn_labels = self.closest_demos(vecs, snapshot, v.names) if self.uses_text else (None, None, None)
         routing = unit(self.profiles(texts)) @ v.signatures.T if self.uses_routing else None  # [Q, n]
         if self.name == "hybrid":
             scores = TEXT_WEIGHT * (vecs @ v.centroids.T) + (1 - TEXT_WEIGHT) * routing  # [Q, n]
+        if self.name == "embedding":
+            knn_sims, knn_labels = self.index.search(vecs, self.k, snapshot)  # [Q, k], [Q][k]
         out = []
-        for q in range(len(texts)):
+        for q, text in enumerate(texts):
             if self.name == "embedding":
                 domain, sim, second, sim2 = vote(knn_sims[q], knn_labels[q])
                 margin = sim - sim2 if second else 1.0
@@ -273,9 +290,10 @@ class Matcher:
                 second = v.names[order[1]] if len(order) > 1 else None
                 margin = sim - float(row[order[1]]) if second else 1.0
             j = column[domain]
-            check = (Check("text", float(text_check[q, j]), float(v.text_thresholds[j])) if self.check == "text" else
-                     Check("routing", float(routing[q, j]), float(v.routing_thresholds[j])))
-            out.append(Match(domain, float(sim), float(margin), not check.passed, self.name, second, check))
+            seen = {"text": lambda: v.text_check(vecs[q], j), "chars": lambda: v.chars[j].score(text),
+                    "routing": lambda: routing[q, j]}
+            checks = tuple(Check(view, float(seen[view]()), float(v.thresholds[view][j])) for view in self.checked)
+            out.append(Match(domain, float(sim), float(margin), not all(c.passed for c in checks), self.name, second, checks))
         return out
 
 

@@ -252,11 +252,13 @@ def report(res: Results, images: str = "") -> str:
     lines += ["", "Out-of-domain texts flagged, per kind (`ood/<kind>.jsonl`). Each kind is scored with thresholds "
               "fitted without it; since thresholds use in-domain demos only, that is every kind with the same "
               "thresholds, and the mean weights each kind equally.", ""]
-    lines += _table(["matcher", "checked view", "mean"] + kinds,
-                    [[d.matcher, d.view, f"{d.caught:.1%}"] + [f"{d.per_kind[k]:.0%}" if k in d.per_kind else "" for k in kinds]
+    lines += _table(["matcher", "checked views", "mean"] + kinds,
+                    [[d.matcher, " + ".join(d.views), f"{d.caught:.1%}"] + [f"{d.per_kind[k]:.0%}" if k in d.per_kind else "" for k in kinds]
                      for d in res.detection])
-    lines += ["", "Per-domain thresholds (similarity below which a text is out-of-domain):", ""]
-    lines += _table(["matcher"] + domains, [[d.matcher] + [f"{d.thresholds[x]:.3f}" for x in domains] for d in res.detection])
+    lines += ["", "Per-domain thresholds: a text scoring below any one of its domain's is out-of-domain (text, routing: "
+              "cosine; chars: mean log-probability per character).", ""]
+    lines += _table(["matcher", "view"] + domains, [[d.matcher, view] + [f"{t[x]:.3f}" for x in domains]
+                                                     for d in res.detection for view, t in d.thresholds.items()])
     lines += ["", f"![out-of-domain by kind]({images}ood_by_kind.png)"]
     lines += ["", f"![confusion matrices]({images}confusion.png)", "",
               f"## Mask overlap at {res.overlap['budget']:.0%} ({res.overlap['criterion']})", "",

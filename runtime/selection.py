@@ -245,9 +245,9 @@ def route_command(store: str, text: str | None = None, file: str | None = None, 
                 print(json.dumps({"line": line, **match.to_json(), "domains": domains, "kept": chosen.mask.fraction()},
                                   ensure_ascii=False), flush=True)
             else:
-                c = match.check
+                checks = "  ".join(f"{c.view} {c.similarity:.3f}{'>=' if c.passed else '<'}{c.threshold:.3f}" for c in match.checks)
                 print(f"{line}: {match.domain}{'  OUT-OF-DOMAIN' if match.ood else ''}  score={match.similarity:.3f}  "
-                      f"margin={match.margin:.3f}  {c.view} {c.similarity:.3f}{'>=' if c.passed else '<'}{c.threshold:.3f}  "
+                      f"margin={match.margin:.3f}  {checks}  "
                       f"matcher={match.matcher}  serves={domains} ({chosen.mask.fraction():.0%} of experts)", flush=True)
     return 0
 

@@ -96,6 +96,20 @@ def test_patterns_and_eval_splits():
         assert sum(1 for _ in fh) >= 200
 
 
+
+def test_packs_share_no_text_with_the_query_and_ood_sets():
+    """Matching figures on patterns/eval and patterns/dev mean nothing if a demo says the same thing word for word."""
+    def norm(s):
+        return " ".join(s.lower().split())
+
+    held = {norm(json.loads(l)["text"]): p.relative_to(PATTERNS) for folder in ("eval", "dev") for sub in ("queries", "ood")
+            for p in sorted((PATTERNS / folder / sub).glob("*.jsonl")) for l in p.read_text().splitlines()}
+    assert len(held) > 500
+    for d in DOMAINS:
+        for number, line in enumerate((PATTERNS / f"{d}.jsonl").read_text().splitlines(), start=1):
+            for field, text in json.loads(line).items():
+                assert norm(text) not in held, f"patterns/{d}.jsonl:{number} {field} equals an item of {held[norm(text)]}"
+
 def test_tokenizer(tok):
     assert len(tok) == json.loads((MODEL / "config.json").read_text())["vocab_size"]
     assert tok.eos_token == "<|endoftext|>" and tok.pad_token == "<|pad|>"

@@ -94,7 +94,9 @@ def test_every_criterion_budget_and_domain_is_reported(run):
         assert 0.0 <= r["false_alarms"] <= 1.0
     assert {d["matcher"] for d in res["detection"]} == matchers
     for d in res["detection"]:
-        assert set(d["per_kind"]) == set(OOD) and set(d["thresholds"]) == set(HELD_OUT)
+        assert set(d["per_kind"]) == set(OOD) and set(d["thresholds"]) == set(d["views"])
+        assert d["views"] == (["routing"] if d["matcher"] == "signature" else ["text", "chars"])
+        assert all(set(t) == set(HELD_OUT) for t in d["thresholds"].values())
         assert d["caught"] == pytest.approx(sum(d["per_kind"].values()) / len(OOD))
     assert res["overlap"]["labels"] == sorted(HELD_OUT) and res["overlap"]["jaccard"][0][0] == 1.0
     assert any(t["name"].startswith("easyep retention") for t in res["targets"])

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from domex.runtime.chars import CharModel
 from domex.runtime.match import NEIGHBOURS, QUANTILE, TEXT_WEIGHT, Matcher, fallback_domains, routing_profile
 from domex.store.db import Store
 from domex.store.demos import Demo
@@ -43,40 +44,69 @@ def model():
     return tiny_model("qwen3_moe", seed=4)
 
 
-def closest_in(vec, embeddings, skip=None):
-    """Mean cosine of the NEIGHBOURS nearest demos, leaving out demo `skip`: the text check, written out."""
-    sims = sorted((float(vec @ e) for j, e in enumerate(embeddings) if j != skip), reverse=True)
+def closest_in(vec, vectors, skip=()):
+    """Mean cosine of the NEIGHBOURS nearest vectors, leaving out rows `skip`: the text check, written out."""
+    sims = sorted((float(vec @ e) for j, e in enumerate(vectors) if j not in skip), reverse=True)
     return float(np.mean(sims[:NEIGHBOURS]))
 
 
-def test_text_thresholds_are_a_quantile_of_each_domains_leave_one_out(tmp_path):
-    """Every demo, and every chat demo's prompt alone, against the domain's other demos."""
+def probes_of(name, store):
+    """(texts, their vectors, owners) of a domain: each demo's text, then each chat demo's prompt alone."""
+    demos = [Demo.from_json(d) for d in store.get(name).demos]
+    chats = [i for i, d in enumerate(demos) if d.is_chat]
+    prompts = [demos[i].prompt for i in chats]
+    vectors = np.concatenate([store.get(name).embeddings, get_embedder().encode(prompts)])
+    return [d.text for d in demos] + prompts, vectors, list(range(len(demos))) + chats
+
+
+def test_thresholds_are_a_quantile_of_each_domains_leave_one_out(tmp_path):
+    """Every demo, and every chat demo's prompt alone, against the domain's other demos and their prompts."""
     store = register_all(tmp_path / "s")
     store.register(pattern("french", [{"prompt": p, "response": r} for p, r in FRENCH]))
     views = Matcher(store, "embedding").views(store.snapshot())
+    share = QUANTILE / 2  # two checks share the false alarms
     for j, name in enumerate(views.names):
-        emb = store.get(name).embeddings
-        probes = [closest_in(e, emb, skip=i) for i, e in enumerate(emb)]
-        if name == "french":
-            prompts = get_embedder().encode([p for p, _ in FRENCH])
-            probes += [closest_in(v, emb, skip=i) for i, v in enumerate(prompts)]
-        assert views.text_thresholds[j] == pytest.approx(np.quantile(probes, QUANTILE), abs=1e-5)
-        assert min(probes) <= views.text_thresholds[j] <= np.quantile(probes, 0.5)
+        texts, vectors, owners = probes_of(name, store)
+        mine = [[r for r, o in enumerate(owners) if o == i] for i in owners]  # the rows of each probe's demo
+        text = [closest_in(v, vectors, skip=rows) for v, rows in zip(vectors, mine)]
+        chars = [CharModel.fit([t for r, t in enumerate(texts) if r not in rows]).score(t) for t, rows in zip(texts, mine)]
+        assert len(text) == len(chars) == len(store.get(name).demos) + (len(FRENCH) if name == "french" else 0)
+        assert views.thresholds["text"][j] == pytest.approx(np.quantile(text, share), abs=1e-5)
+        assert views.thresholds["chars"][j] == pytest.approx(np.quantile(chars, share), abs=1e-5)
+        assert min(text) <= views.thresholds["text"][j] <= np.quantile(text, 0.5)
     median = Matcher(store, "embedding", quantile=0.5).views(store.snapshot())
-    assert (median.text_thresholds > views.text_thresholds).all()
+    assert (median.thresholds["text"] > views.thresholds["text"]).all()
+    assert (median.thresholds["chars"] > views.thresholds["chars"]).all()
 
 
 def test_queries_match_and_unrelated_text_is_out_of_domain(store):
-    matches = Matcher(store, "embedding").match_many(list(QUERIES.values()) + [UNRELATED])
+    texts = list(QUERIES.values()) + [UNRELATED]
+    matches = Matcher(store, "embedding").match_many(texts)
+    views = Matcher(store, "embedding").views(store.snapshot())
     assert [m.domain for m in matches[:3]] == list(QUERIES)
     assert not any(m.ood for m in matches[:3])
-    assert matches[3].ood and not matches[3].check.passed
-    for m, text in zip(matches, list(QUERIES.values()) + [UNRELATED]):
+    assert matches[3].ood and not all(c.passed for c in matches[3].checks)
+    for m, text in zip(matches, texts):
         vec, demos = get_embedder().encode([text])[0], store.get(m.domain).embeddings
-        assert m.check.view == "text"
-        assert m.check.similarity == pytest.approx(closest_in(vec, demos), abs=1e-5)
+        j = views.names.index(m.domain)
+        assert [c.view for c in m.checks] == ["text", "chars"]
+        assert m.checks[0].similarity == pytest.approx(closest_in(vec, demos), abs=1e-5)
+        assert m.checks[1].similarity == pytest.approx(CharModel.fit(DOMAINS[m.domain]).score(text), abs=1e-6)
+        assert [c.threshold for c in m.checks] == pytest.approx([views.thresholds["text"][j], views.thresholds["chars"][j]])
+        assert m.ood == any(c.similarity < c.threshold for c in m.checks)
         assert m.similarity == pytest.approx(max(demos @ vec), abs=1e-5)  # the vote's score: the winner's nearest demo
     assert all(0 < m.margin <= 1.0 for m in matches[:3])
+
+
+def test_a_domain_unchanged_since_the_last_generation_is_not_derived_again(tmp_path):
+    store = register_all(tmp_path / "s")
+    matcher = Matcher(store, "embedding")
+    first = matcher.views(store.snapshot())
+    store.register(pattern("french", [{"prompt": p, "response": r} for p, r in FRENCH]))
+    second = matcher.views(store.snapshot())
+    assert second.generation > first.generation and "french" in second.names
+    for name in first.names:  # the same derived objects, not copies
+        assert second.chars[second.names.index(name)] is first.chars[first.names.index(name)]
 
 
 def test_each_call_reads_the_snapshot_it_is_given(tmp_path):
@@ -140,19 +170,19 @@ def test_signature_matcher_compares_with_the_demos_summed_profiles(store, model)
         total = profiles.sum(0)
         np.testing.assert_allclose(views.signatures[j], total / np.linalg.norm(total), atol=1e-5)
         loo = [h @ (total - h) / np.linalg.norm(h) / np.linalg.norm(total - h) for h in profiles]
-        assert views.routing_thresholds[j] == pytest.approx(np.quantile(loo, QUANTILE), abs=1e-5)
+        assert views.thresholds["routing"][j] == pytest.approx(np.quantile(loo, QUANTILE), abs=1e-5)
     texts = [t for ts in DOMAINS.values() for t in ts]
     truth = [name for name, ts in DOMAINS.items() for _ in ts]
     matches = matcher.match_many(texts)
     hits = sum(m.domain == t for m, t in zip(matches, truth))
     print(f"signature matcher: {hits}/{len(texts)} demos matched to their own domain")
     assert hits >= 0.6 * len(texts)  # chance is 1/3 on a random tiny model
-    assert all(m.matcher == "signature" and m.margin >= 0 and m.check.view == "routing" for m in matches)
+    assert all(m.matcher == "signature" and m.margin >= 0 and [c.view for c in m.checks] == ["routing"] for m in matches)
     for m in matches:  # its check: the routing cosine, against the domain's own threshold
-        assert m.check.threshold == pytest.approx(views.routing_thresholds[views.names.index(m.domain)])
+        assert m.checks[0].threshold == pytest.approx(views.thresholds["routing"][views.names.index(m.domain)])
 
 
-def test_hybrid_weighs_text_and_routing_and_checks_the_text_view(store, model):
+def test_hybrid_weighs_text_and_routing_and_checks_the_text_and_chars_views(store, model):
     tokenizer = tiny_tokenizer()
     hybrid = Matcher(store, "hybrid", model=model, tokenizer=tokenizer)
     views = hybrid.views(store.snapshot())
@@ -168,9 +198,11 @@ def test_hybrid_weighs_text_and_routing_and_checks_the_text_view(store, model):
         best = int(np.argmax(expected[q]))
         assert m.domain == views.names[best] and m.matcher == "hybrid"
         assert m.similarity == pytest.approx(expected[q, best], abs=1e-5)
-        assert m.check.view == "text" and m.check.threshold == pytest.approx(views.text_thresholds[best])
-        assert m.check.similarity == pytest.approx(closest_in(vecs[q], store.get(m.domain).embeddings), abs=1e-5)
-        assert m.ood == (m.check.similarity < m.check.threshold)
+        text_check, chars_check = m.checks
+        assert text_check.view == "text" and text_check.threshold == pytest.approx(views.thresholds["text"][best])
+        assert text_check.similarity == pytest.approx(closest_in(vecs[q], store.get(m.domain).embeddings), abs=1e-5)
+        assert chars_check.view == "chars" and chars_check.threshold == pytest.approx(views.thresholds["chars"][best])
+        assert m.ood == (not text_check.passed or not chars_check.passed)
     assert [m.domain for m in hybrid.match_many(list(QUERIES.values()))] == list(QUERIES)
 
 

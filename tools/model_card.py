@@ -9,6 +9,7 @@ models/tiny-moe/README.md, expert_usage.png, routing_stats.json, train_log.jsonl
 
     python tools/model_card.py --model models/tiny-moe --patterns patterns --work /work/scratch/train \
         --previous old_routing_stats.json      # optional: the model it replaces, for the comparison table
+    python tools/model_card.py --files-only    # after editing the demo packs: file table and checksums only
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import hashlib
 import itertools
 import json
 import math
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,6 +134,33 @@ def plot_usage(freq: dict[str, np.ndarray], path: Path) -> None:
     plt.close(fig)
 
 
+def write_checksums(model: Path, patterns: Path) -> list[tuple[str, str, int]]:
+    """(path, sha256, bytes) of every shipped file, also written to checksums.sha256."""
+    shipped = sorted(p for p in model.iterdir() if p.is_file() and p.name not in ("README.md", "checksums.sha256"))
+    shipped += sorted(patterns.glob("*.jsonl")) + sorted((patterns / "eval").glob("*.jsonl.gz"))
+    shipped += sorted((patterns / "eval" / "tasks").glob("*"))
+    root = model.resolve().parent.parent
+    sums = [(str(p.resolve().relative_to(root)), sha256(p), p.stat().st_size) for p in shipped]
+    (model / "checksums.sha256").write_text("".join(f"{h}  {n}\n" for n, h, _ in sums))
+    return sums
+
+
+def refresh_files(model: Path, patterns: Path) -> None:
+    """After the demo packs changed: rewrite the card's demo count and file table, and checksums.sha256.
+
+    The measured sections stay as they are: the packs are not part of what the model was trained or measured on.
+    """
+    sums = write_checksums(model, patterns)
+    counts = {len((patterns / f"{d}.jsonl").read_text(encoding="utf-8").splitlines()) for d in DOMAINS}
+    card = (model / "README.md").read_text()
+    card = re.sub(r"demos `patterns/<domain>.jsonl` \(\S+ per domain", "demos `patterns/<domain>.jsonl` (" +
+                  "-".join(map(str, sorted({min(counts), max(counts)}))) + " per domain", card)
+    head, _, _ = card.partition("## Files and sha256")
+    table = fmt_table([[f"`{n}`", f"{sz:,}", f"`{h}`"] for n, h, sz in sums], ["file", "bytes", "sha256"])
+    (model / "README.md").write_text(head + "## Files and sha256 (also in `checksums.sha256`, checked by "
+                                     "`tests/test_demo_model.py`)\n\n" + table)
+
+
 def sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -222,7 +251,10 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/work/scratch/train"))
     ap.add_argument("--passages", type=int, default=None, help="score only the first N per domain (dry runs)")
     ap.add_argument("--previous", type=Path, default=None, help="routing_stats.json of the model this one replaces")
+    ap.add_argument("--files-only", action="store_true", help="only refresh the file table and checksums (demo packs changed)")
     args = ap.parse_args()
+    if args.files_only:
+        return refresh_files(args.model, args.patterns)
     torch.set_num_threads(1)
     torch.manual_seed(0)
 
@@ -246,12 +278,7 @@ def main() -> None:
              "tokens_per_s": recs[-1]["tokens"] / recs[-1]["elapsed_s"]}
     (args.model / "routing_stats.json").write_text(json.dumps(stats, indent=1))
 
-    shipped = sorted(p for p in args.model.iterdir() if p.is_file() and p.name not in ("README.md", "checksums.sha256"))
-    shipped += sorted(args.patterns.glob("*.jsonl")) + sorted((args.patterns / "eval").glob("*.jsonl.gz"))
-    shipped += sorted((args.patterns / "eval" / "tasks").glob("*"))
-    root = args.model.resolve().parent.parent
-    sums = [(str(p.resolve().relative_to(root)), sha256(p), p.stat().st_size) for p in shipped]
-    (args.model / "checksums.sha256").write_text("".join(f"{h}  {n}\n" for n, h, _ in sums))
+    sums = write_checksums(args.model, args.patterns)
 
     last = recs[-1]
     demos = {d: len((args.patterns / f"{d}.jsonl").read_text(encoding="utf-8").splitlines()) for d in DOMAINS}
