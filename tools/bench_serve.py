@@ -355,6 +355,7 @@ def main() -> int:
     ap.add_argument("--passages", type=int, default=40, help="held-out passages per domain for matching")
     ap.add_argument("--requests", type=int, default=64, help="requests per concurrency level (a quarter at concurrency 1)")
     ap.add_argument("--json", default="bench_serve.json")
+    ap.add_argument("--matching-only", action="store_true", help="only the matching and embedding rows (~2 min)")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -368,9 +369,10 @@ def main() -> int:
     load = os.getloadavg()
     result = bench_matching(pool, store, texts)
     result.update(bench_embedding(QUERIES))
-    result.update(bench_e2e(pool, store, args.budget, args.resident, args.requests))
-    result["batch_agreement_fp32"] = batch_agreement(pool, store, args.budget, args.resident, "float32")
-    result["batch_agreement_bf16"] = batch_agreement(pool, store, args.budget, args.resident, "bfloat16")
+    if not args.matching_only:
+        result.update(bench_e2e(pool, store, args.budget, args.resident, args.requests))
+        result["batch_agreement_fp32"] = batch_agreement(pool, store, args.budget, args.resident, "float32")
+        result["batch_agreement_bf16"] = batch_agreement(pool, store, args.budget, args.resident, "bfloat16")
     import torch
 
     result["machine"] = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
@@ -390,8 +392,19 @@ def main() -> int:
             ("embed p99 (user query)", f"{result['embed_p99_ms']:.1f} ms", ""),
             ("embed, batches of 64", f"{result['embed_qps_batched']:.0f} q/s", ""),
             ("embed cosine to PyTorch", f"{result['embed_cosine_to_slow']:.3f}",
-             f"min {result['embed_cosine_min']:.3f}; nearest neighbour agrees {result['embed_nn_agreement']:.0%}"),
-            *[(f"generated tokens/s, concurrency {c}", f"{result[f'tps_c{c}']:.0f}",
+             f"min {result['embed_cosine_min']:.3f}; nearest neighbour agrees {result['embed_nn_agreement']:.0%}")]
+    rows += [] if args.matching_only else serving_rows(result)
+    print(f"| {'measure':32} | {'value':>12} | note |\n| {'-' * 32} | {'-' * 12} | --- |")
+    for name, value, note in rows:
+        print(f"| {name:32} | {value:>12} | {note} |")
+    Path(args.json).write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.json}")
+    return 0
+
+
+def serving_rows(result: dict) -> list[tuple[str, str, str]]:
+    """The serving rows of the table: tokens/s, TTFT and latency per concurrency, static batches, batch = solo."""
+    return [*[(f"generated tokens/s, concurrency {c}", f"{result[f'tps_c{c}']:.0f}",
                f"static {result[f'tps_c{c}_static']:.0f} ({result[f'tps_c{c}'] / result[f'tps_c{c}_static']:.2f}x); "
                f"full model {result[f'tps_c{c}_full']:.0f} ({result[f'tps_c{c}'] / result[f'tps_c{c}_full']:.2f}x)")
               for c in (1, 8, 32)],
@@ -413,12 +426,6 @@ def main() -> int:
              f"TTFT p99 {result['ttft_p99_ms_c32_tight']:.0f} vs static {result['ttft_p99_ms_c32_static_tight']:.0f} ms"),
             ("batch = solo, fp32 / bf16", f"{result['batch_agreement_fp32']:.0%} / {result['batch_agreement_bf16']:.0%}",
              "greedy tokens of mixed-domain rows in one batch vs each alone")]
-    print(f"| {'measure':32} | {'value':>12} | note |\n| {'-' * 32} | {'-' * 12} | --- |")
-    for name, value, note in rows:
-        print(f"| {name:32} | {value:>12} | {note} |")
-    Path(args.json).write_text(json.dumps(result, indent=2))
-    print(f"wrote {args.json}")
-    return 0
 
 
 if __name__ == "__main__":
