@@ -2,7 +2,8 @@
 
 A query is looked at through up to three views, each compared with every domain of one store snapshot:
   text     the query's MiniLM embedding against the domain's vectors: each demo's embedding and, for a
-           chat demo, its prompt's embedding on its own (a request is short, like a prompt);
+           chat demo, its prompt's and its response's on their own (a request looks like a prompt, a
+           pasted passage like a response, and their joint embedding is like neither);
   chars    the query's characters under the domain's character n-gram model (runtime/chars.py): what
            the text is written in (a language, a programming language, a data format), which MiniLM
            hardly sees;
@@ -18,11 +19,13 @@ Out-of-domain: the chosen domain's own thresholds are checked, and one failed ch
 Embedding and hybrid check the text view (the mean cosine of the query's 3 nearest vectors of that
 domain) and the chars view (mean log-probability per character); signature checks the routing view.
 On patterns/dev the two checks catch different kinds (the text view prose on other topics, the chars
-view other languages and formats): with the hybrid at the default quantile, together 86% of dev OOD at 1.6%
-false alarms on dev queries (the text check alone: 73% at 2.3%; the chars check alone: 61% at 1.6%). The routing check flagged short requests far more often than it caught unrelated text, and
-Mahalanobis distances caught less than the nearest-vector check, so neither is used by the hybrid.
-Thresholds come from the domain's demos alone (DESIGN §12), by leave-one-out: each demo, and each
-chat demo's prompt on its own, is scored against the domain's other demos. Each check's threshold is
+view other languages and formats): with the hybrid at the default quantile, together 88% of dev OOD at 1.6%
+false alarms on dev queries and 9.5% on passages (the text check alone: 62% of OOD; the chars check alone: 54%).
+Long passages from files no demo came from are where the chars check errs: a domain's few demos cannot
+show the whole range of its vocabulary. The routing check flagged short requests far more often than it
+caught unrelated text, and Mahalanobis distances caught less than the nearest-vector check, so neither is
+used by the hybrid. Thresholds come from the domain's demos alone (DESIGN §12), by leave-one-out: each
+demo, and each chat demo's prompt and response on their own, is scored against the domain's other demos. Each check's threshold is
 the `quantile` / (number of checks) quantile of those scores, so about `quantile` of in-domain
 requests is flagged. The fallback policy then says which domains' experts serve an out-of-domain query.
 
@@ -37,6 +40,7 @@ from __future__ import annotations
 import copy
 import json
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -209,6 +213,9 @@ class Matcher:
         self._domains: dict[tuple[str, str], DomainViews] = {}  # (name, updated) -> what _domain derived
         self._domains_lock = threading.Lock()
         self._tokenizer_lock = threading.Lock()
+        # the routing view runs here while the caller's thread embeds: the two are independent, and
+        # ONNX Runtime and torch both release the GIL, so on an idle machine a query waits for the slower one only
+        self._beside = ThreadPoolExecutor(max_workers=4, thread_name_prefix="domex-routing-view") if self.uses_routing else None
 
     # -- the query's views ---------------------------------------------------------------------
 
@@ -245,17 +252,19 @@ class Matcher:
         share = self.quantile / len(self.checked)  # each check's part of the false alarms
         demos = [Demo.from_json(d) for d in p.demos]
         chats = [i for i, d in enumerate(demos) if d.is_chat]
-        texts = [d.text for d in demos] + [demos[i].prompt for i in chats]  # the probes: texts, then prompts alone
-        owners = list(range(len(demos))) + chats  # the demo each probe comes from
+        # the probes: texts, then each chat demo's prompt alone and its response alone
+        texts = [d.text for d in demos] + [demos[i].prompt for i in chats] + [demos[i].response for i in chats]
+        owners = list(range(len(demos))) + chats + chats  # the demo each probe comes from
         own = np.array(owners)
-        vecs = np.concatenate([p.embeddings, self.embedder.encode(texts[len(demos):])])  # [N + chats, D]
-        chars = CharModel.fit(texts)
+        vecs = np.concatenate([p.embeddings, self.embedder.encode(texts[len(demos):])])  # [N + 2 chats, D]
+        fitted = len(demos) + len(chats)  # the character model reads texts and prompts (a response is in its text)
+        chars = CharModel.fit(texts[:fitted])
         signature, thresholds = None, {}
         if "text" in self.checked:
             thresholds["text"] = calibrate(leave_one_out(vecs, owners, lambda x, i: closest(vecs[own != i] @ x)), share)
         if "chars" in self.checked:
             thresholds["chars"] = calibrate(leave_one_out(texts, owners, lambda t, i: chars.score(
-                t, without=CharModel.fit([texts[j] for j in np.flatnonzero(own == i)]))), share)
+                t, without=CharModel.fit([texts[j] for j in np.flatnonzero(own[:fitted] == i)]))), share)
         if self.uses_routing:
             profiles = self.profiles([d.text for d in demos])  # [N, E]
             signature = unit(profiles.sum(axis=0))
@@ -272,8 +281,9 @@ class Matcher:
         snapshot = snapshot if snapshot is not None else self.store.snapshot()
         v = self.views(snapshot)
         column = {n: j for j, n in enumerate(v.names)}
+        profiles = self._beside.submit(self.profiles, texts) if self.uses_routing else None  # [Q, E] when done
         vecs = self.embedder.encode(texts) if self.uses_text else None  # [Q, D]
-        routing = unit(self.profiles(texts)) @ v.signatures.T if self.uses_routing else None  # [Q, n]
+        routing = unit(profiles.result()) @ v.signatures.T if self.uses_routing else None  # [Q, n]
         if self.name == "hybrid":
             scores = TEXT_WEIGHT * (vecs @ v.centroids.T) + (1 - TEXT_WEIGHT) * routing  # [Q, n]
         if self.name == "embedding":

@@ -51,26 +51,29 @@ def closest_in(vec, vectors, skip=()):
 
 
 def probes_of(name, store):
-    """(texts, their vectors, owners) of a domain: each demo's text, then each chat demo's prompt alone."""
+    """(texts, their vectors, owners) of a domain: each demo's text, then each chat demo's prompt alone and its
+    response alone."""
     demos = [Demo.from_json(d) for d in store.get(name).demos]
     chats = [i for i, d in enumerate(demos) if d.is_chat]
-    prompts = [demos[i].prompt for i in chats]
-    vectors = np.concatenate([store.get(name).embeddings, get_embedder().encode(prompts)])
-    return [d.text for d in demos] + prompts, vectors, list(range(len(demos))) + chats
+    parts = [demos[i].prompt for i in chats] + [demos[i].response for i in chats]
+    vectors = np.concatenate([store.get(name).embeddings, get_embedder().encode(parts)])
+    return [d.text for d in demos] + parts, vectors, list(range(len(demos))) + chats + chats
 
 
 def test_thresholds_are_a_quantile_of_each_domains_leave_one_out(tmp_path):
-    """Every demo, and every chat demo's prompt alone, against the domain's other demos and their prompts."""
+    """Every demo, and every chat demo's prompt and response alone, against the domain's other demos."""
     store = register_all(tmp_path / "s")
     store.register(pattern("french", [{"prompt": p, "response": r} for p, r in FRENCH]))
     views = Matcher(store, "embedding").views(store.snapshot())
     share = QUANTILE / 2  # two checks share the false alarms
     for j, name in enumerate(views.names):
         texts, vectors, owners = probes_of(name, store)
+        n = len(store.get(name).demos)
+        fitted = texts[:n + (len(owners) - n) // 2]  # the character model reads texts and prompts, not responses again
         mine = [[r for r, o in enumerate(owners) if o == i] for i in owners]  # the rows of each probe's demo
         text = [closest_in(v, vectors, skip=rows) for v, rows in zip(vectors, mine)]
-        chars = [CharModel.fit([t for r, t in enumerate(texts) if r not in rows]).score(t) for t, rows in zip(texts, mine)]
-        assert len(text) == len(chars) == len(store.get(name).demos) + (len(FRENCH) if name == "french" else 0)
+        chars = [CharModel.fit([t for r, t in enumerate(fitted) if r not in rows]).score(t) for t, rows in zip(texts, mine)]
+        assert len(text) == len(chars) == n + (2 * len(FRENCH) if name == "french" else 0)
         assert views.thresholds["text"][j] == pytest.approx(np.quantile(text, share), abs=1e-5)
         assert views.thresholds["chars"][j] == pytest.approx(np.quantile(chars, share), abs=1e-5)
         assert min(text) <= views.thresholds["text"][j] <= np.quantile(text, 0.5)

@@ -385,7 +385,7 @@ def main() -> int:
             ("match top-1 (user queries)", f"{result['match_accuracy']:.1%}",
              f"PyTorch embedder {result['match_accuracy_slow']:.1%}; same domain {result['match_agreement_slow']:.1%}, "
              f"same OOD flag {result['match_ood_agreement_slow']:.1%}"),
-            ("match routing view p50", f"{result['match_routing_view_p50_ms']:.1f} ms", "first MoE router, in the above"),
+            ("match routing view p50", f"{result['match_routing_view_p50_ms']:.1f} ms", "first MoE router, run beside the embedder"),
             ("match p50 (held-out passage)", f"{result['match_p50_ms_passage']:.1f} ms", "~115 tokens"),
             ("embed p50 (user query)", f"{result['embed_p50_ms']:.1f} ms",
              f"{result['embed_backend']}; PyTorch {result['embed_p50_ms_slow']:.1f} ms"),
