@@ -132,6 +132,7 @@ class Routing:
     confusion: list[list[int]]  # [true][predicted] counts
     false_alarms: float  # share of these in-domain texts flagged out-of-domain
     seconds: float
+    flagged: dict[str, float] | None = None  # view -> share of these texts that view's check flagged
 
 
 @dataclass(frozen=True)
@@ -457,15 +458,18 @@ def evaluate_routing(matcher, snapshot, data: str, texts: dict[str, list[str]]) 
     start = time.perf_counter()
     labels = snapshot.names
     confusion = np.zeros((len(labels), len(labels)), dtype=int)  # [true, predicted]
-    alarms = 0
+    alarms, flagged = 0, dict.fromkeys(matcher.checked, 0)
     for domain, domain_texts in texts.items():
         i = labels.index(domain)
         for m in match_all(matcher, snapshot, domain_texts):
             confusion[i, labels.index(m.domain)] += 1
             alarms += m.ood
+            for c in m.checks:
+                flagged[c.view] += not c.passed
+    n = confusion.sum()
     per_domain = {d: float(confusion[i, i] / confusion[i].sum()) for i, d in enumerate(labels) if d in texts}
-    return Routing(matcher.name, data, float(np.trace(confusion) / confusion.sum()), per_domain, labels,
-                   confusion.tolist(), float(alarms / confusion.sum()), time.perf_counter() - start)
+    return Routing(matcher.name, data, float(np.trace(confusion) / n), per_domain, labels, confusion.tolist(),
+                   float(alarms / n), time.perf_counter() - start, {view: k / n for view, k in flagged.items()})
 
 
 def evaluate_detection(matcher, snapshot, ood: dict[str, list[str]]) -> Detection:

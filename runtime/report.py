@@ -243,10 +243,12 @@ def report(res: Results, images: str = "") -> str:
               "## Routing", "",
               "Every matcher on held-out text, never the demos: passages cut from the held-out splits, and short "
               "queries written the way users write (`queries/<domain>.jsonl`). Top-1 counts the nearest domain whether "
-              "or not the text was flagged out-of-domain; false alarms are in-domain texts flagged out-of-domain. "
+              "or not the text was flagged out-of-domain; false alarms are in-domain texts flagged out-of-domain "
+              "(by each check: the share that check flagged). "
               "Thresholds are fitted on the registered demos alone (DESIGN §12).", ""]
-    lines += _table(["matcher", "data", "top-1", "false alarms", "seconds"] + domains,
-                    [[r.matcher, r.data, f"{r.accuracy:.1%}", f"{r.false_alarms:.1%}", f"{r.seconds:.1f}"]
+    lines += _table(["matcher", "data", "top-1", "false alarms", "by each check", "seconds"] + domains,
+                    [[r.matcher, r.data, f"{r.accuracy:.1%}", f"{r.false_alarms:.1%}",
+                      ", ".join(f"{v} {x:.1%}" for v, x in (r.flagged or {}).items()), f"{r.seconds:.1f}"]
                      + [f"{r.per_domain[d]:.0%}" if d in r.per_domain else "" for d in domains] for r in res.routing])
     kinds = sorted({k for d in res.detection for k in d.per_kind})
     lines += ["", "Out-of-domain texts flagged, per kind (`ood/<kind>.jsonl`). Each kind is scored with thresholds "
