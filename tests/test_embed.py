@@ -4,6 +4,7 @@ The ONNX model is built once for the module into a temporary DOMEX_CACHE; rebuil
 checked with a stand-in build, so only one real export (seconds) runs.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -89,6 +90,20 @@ def test_cached_build_is_reused(fast, cache):
     Embedder("onnx").encode(TEXTS[0])
     after = os.stat(cache / "minilm-onnx" / "model.onnx")
     assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+
+
+def test_int8_weights_keep_to_7_bits_exactly_where_the_cpu_needs_it(fast, cache):
+    """Full-range int8 weights can saturate x86's 16-bit pair sums without VNNI; elsewhere they keep every bit."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(cache / "minilm-onnx" / "model.onnx"))
+    weights = [numpy_helper.to_array(t) for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 2]
+    assert len(weights) == 36  # 6 layers x (q, k, v, attention out, up, down)
+    largest = max(int(np.abs(w.astype(np.int16)).max()) for w in weights)
+    seven_bits = json.loads((cache / "minilm-onnx" / "build.json").read_text())["stamp"]["reduce_range"]
+    assert seven_bits == embed.reduce_range()
+    assert largest <= 64 if seven_bits else largest == 127
 
 
 def test_build_runs_again_when_the_file_is_missing_corrupt_or_stale(fast, cache, monkeypatch):
