@@ -29,6 +29,11 @@ MAX_CHARS = 2048  # a text is judged by its first 2048 characters
 _MULT = np.uint64(1_000_003)  # the rolling hash's multiplier (wraps around mod 2**64)
 
 
+def counted(text: str) -> int:
+    """How many characters of `text` a score averages over."""
+    return len(text.lower()[:MAX_CHARS])
+
+
 def grams(text: str) -> list[np.ndarray]:
     """Hashes [C + ORDER - 1] of the n-gram ending at each position, one array per order 1..ORDER.
 

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from domex.runtime.chars import CharModel
-from domex.runtime.match import NEIGHBOURS, QUANTILE, TEXT_WEIGHT, Matcher, fallback_domains, routing_profile
+from domex.runtime.match import (CANDIDATES, CHARS_WEIGHT, NEIGHBOURS, QUANTILE, TEXT_WEIGHT, Matcher, fallback_domains,
+                                 rerank, routing_profile)
 from domex.store.db import Store
 from domex.store.demos import Demo
 from domex.store.embed import get_embedder
@@ -196,17 +197,37 @@ def test_hybrid_weighs_text_and_routing_and_checks_the_text_and_chars_views(stor
     vecs = get_embedder().encode(queries)
     centroids = np.stack([store.get(n).embeddings.mean(0) for n in views.names])
     text = vecs @ (centroids / np.linalg.norm(centroids, axis=1, keepdims=True)).T  # [Q, n]
-    expected = TEXT_WEIGHT * text + (1 - TEXT_WEIGHT) * routing
+    views_score = TEXT_WEIGHT * text + (1 - TEXT_WEIGHT) * routing  # [Q, n]
+    logp = np.array([[views.chars[j].score(t) for j in range(len(views.names))] for t in queries])  # [Q, n]
     for q, m in enumerate(hybrid.match_many(queries)):
-        best = int(np.argmax(expected[q]))
-        assert m.domain == views.names[best] and m.matcher == "hybrid"
-        assert m.similarity == pytest.approx(expected[q, best], abs=1e-5)
+        candidates = np.argsort(-views_score[q])[:CANDIDATES]
+        expected = {j: views_score[q, j] + CHARS_WEIGHT * len(queries[q]) * (logp[q, j] - logp[q, candidates].max())
+                    for j in candidates}
+        best, second = sorted(expected, key=expected.get, reverse=True)[:2]
+        assert m.domain == views.names[best] and m.matcher == "hybrid" and m.runner_up == views.names[second]
+        assert m.similarity == pytest.approx(expected[best], abs=1e-5)
+        assert m.margin == pytest.approx(expected[best] - expected[second], abs=1e-5)
         text_check, chars_check = m.checks
+        assert chars_check.similarity == pytest.approx(logp[q, best])
         assert text_check.view == "text" and text_check.threshold == pytest.approx(views.thresholds["text"][best])
         assert text_check.similarity == pytest.approx(closest_in(vecs[q], store.get(m.domain).embeddings), abs=1e-5)
         assert chars_check.view == "chars" and chars_check.threshold == pytest.approx(views.thresholds["chars"][best])
         assert m.ood == (not text_check.passed or not chars_check.passed)
     assert [m.domain for m in hybrid.match_many(list(QUERIES.values()))] == list(QUERIES)
+
+
+def test_the_characters_settle_long_texts_and_leave_short_ones_to_the_views():
+    english = CharModel.fit(["the cat sat on the mat and the dog ran to the park"] * 3)
+    german = CharModel.fit(["der hund läuft über die straße und die katze schläft"] * 3)
+    models = [english, german, english, german]
+    row = np.array([0.50, 0.47, 0.10, 0.0])  # the views lean to english; the last domain is no candidate
+    short, long = "die katze", " ".join(["die katze schläft und der hund läuft"] * 20)
+    assert rerank(row, models, short)[0][0] == 0
+    order, scores, logp = rerank(row, models, long)
+    assert order[0] == 1 and sorted(order) == list(range(CANDIDATES))
+    assert logp == pytest.approx([models[j].score(long) for j in order])
+    assert scores == pytest.approx(row[order] + CHARS_WEIGHT * len(long) * (logp - logp.max()))
+    assert list(scores) == sorted(scores, reverse=True)
 
 
 def test_routing_profile_leaves_other_threads_forward_alone():
