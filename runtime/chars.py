@@ -80,7 +80,6 @@ class CharModel:
     def score(self, text: str, without: "CharModel | None" = None) -> float:
         """Mean log-probability per character of `text`; `without`: counts to leave out (a demo's own)."""
         g = grams(text)
-        scored = slice(ORDER - 1, None)  # the real characters
         if len(g[0]) == ORDER - 1:
             return float(np.log(1.0 / ALPHABET))
 
@@ -89,10 +88,11 @@ class CharModel:
             return c - without.lookup(k, hashes) if without is not None else c
 
         p = np.full(len(g[0]) - (ORDER - 1), 1.0 / ALPHABET)  # [C]
+        context = np.full(len(p), self.chars - (without.chars if without is not None else 0))
         for k in range(ORDER):
-            context = (np.full(len(p), self.chars - (without.chars if without is not None else 0)) if k == 0
-                       else count(k - 1, g[k - 1][ORDER - 2:-1]))
-            seen = count(k, g[k][scored])
-            own = np.divide(seen, context, out=np.zeros(len(p)), where=context > 0).clip(max=1.0)
+            # from the last start mark on: [1:] counts each character's n-gram, [:-1] the context of the order above
+            seen = count(k, g[k][ORDER - 2:])  # [C + 1]
+            own = np.divide(seen[1:], context, out=np.zeros(len(p)), where=context > 0).clip(max=1.0)
             p = np.where(context > 0, KEEP * own + (1 - KEEP) * p, p)
+            context = seen[:-1]
         return float(np.log(p).mean())
