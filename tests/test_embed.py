@@ -92,18 +92,30 @@ def test_cached_build_is_reused(fast, cache):
     assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
 
 
-def test_int8_weights_keep_to_7_bits_exactly_where_the_cpu_needs_it(fast, cache):
-    """Full-range int8 weights can saturate x86's 16-bit pair sums without VNNI; elsewhere they keep every bit."""
+def multiplied_weights(folder):
+    """(the weight type the build records, the weights its MatMulInteger nodes multiply)."""
     import onnx
     from onnx import numpy_helper
 
-    model = onnx.load(str(cache / "minilm-onnx" / "model.onnx"))
-    weights = [numpy_helper.to_array(t) for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 2]
-    assert len(weights) == 36  # 6 layers x (q, k, v, attention out, up, down)
-    largest = max(int(np.abs(w.astype(np.int16)).max()) for w in weights)
-    seven_bits = json.loads((cache / "minilm-onnx" / "build.json").read_text())["stamp"]["reduce_range"]
-    assert seven_bits == embed.reduce_range()
-    assert largest <= 64 if seven_bits else largest == 127
+    model = onnx.load(str(folder / "model.onnx"))
+    multiplied = {n.input[1] for n in model.graph.node if n.op_type == "MatMulInteger"}
+    stamp = json.loads((folder / "build.json").read_text())["stamp"]
+    return stamp["weights"], [numpy_helper.to_array(t) for t in model.graph.initializer if t.name in multiplied]
+
+
+def test_weights_are_signed_exactly_where_the_cpu_multiplies_them_exactly(fast, slow, cache, tmp_path, monkeypatch):
+    """Signed weights are faster with VNNI; x86 without it could saturate their 16-bit pair sums, so it keeps unsigned ones."""
+    assert multiplied_weights(cache / "minilm-onnx")[0] == embed.weight_type()
+    other = "uint8" if embed.weight_type() == "int8" else "int8"
+    monkeypatch.setattr(embed, "weight_type", lambda: other)
+    vecs = embed.OnnxEncoder(embed.model_dir(), tmp_path)(TEXTS)  # the other CPU's build, made and run here
+    assert ((vecs * slow.encode(TEXTS)).sum(1) >= 0.95).all()
+    for folder, chosen in ((cache / "minilm-onnx", "int8" if other == "uint8" else "uint8"), (tmp_path / "minilm-onnx", other)):
+        recorded, weights = multiplied_weights(folder)
+        assert recorded == chosen and len(weights) == 36  # 6 layers x (q, k, v, attention out, up, down)
+        assert {str(w.dtype) for w in weights} == {chosen}
+        centre = 128 if chosen == "uint8" else 0  # full range: some weight at a channel's extreme
+        assert max(int(np.abs(w.astype(np.int16) - centre).max()) for w in weights) >= 127
 
 
 def test_build_runs_again_when_the_file_is_missing_corrupt_or_stale(fast, cache, monkeypatch):
