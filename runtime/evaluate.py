@@ -464,8 +464,8 @@ def evaluate_routing(matcher, snapshot, data: str, texts: dict[str, list[str]]) 
         for m in match_all(matcher, snapshot, domain_texts):
             confusion[i, labels.index(m.domain)] += 1
             alarms += m.ood
-            for c in m.checks:
-                flagged[c.view] += not c.passed
+            for view in {c.view for c in m.checks if not c.passed}:  # a text counts once per view
+                flagged[view] += 1
     n = confusion.sum()
     per_domain = {d: float(confusion[i, i] / confusion[i].sum()) for i, d in enumerate(labels) if d in texts}
     return Routing(matcher.name, data, float(np.trace(confusion) / n), per_domain, labels, confusion.tolist(),

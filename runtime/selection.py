@@ -245,7 +245,8 @@ def route_command(store: str, text: str | None = None, file: str | None = None, 
                 print(json.dumps({"line": line, **match.to_json(), "domains": domains, "kept": chosen.mask.fraction()},
                                   ensure_ascii=False), flush=True)
             else:
-                checks = "  ".join(f"{c.view} {c.similarity:.3f}{'>=' if c.passed else '<'}{c.threshold:.3f}" for c in match.checks)
+                checks = "  ".join(f"{c.view}{'' if c.domain == match.domain else f'@{c.domain}'} {c.similarity:.3f}"
+                                   f"{'>=' if c.passed else '<'}{c.threshold:.3f}" for c in match.checks)
                 print(f"{line}: {match.domain}{'  OUT-OF-DOMAIN' if match.ood else ''}  score={match.similarity:.3f}  "
                       f"margin={match.margin:.3f}  {checks}  "
                       f"matcher={match.matcher}  serves={domains} ({chosen.mask.fraction():.0%} of experts)", flush=True)

@@ -171,9 +171,9 @@ def test_embedding_figures_equal_matching_each_text_directly(run):
         row = next(r for r in res["routing"] if r["matcher"] == "embedding" and r["data"] == data)
         assert row["accuracy"] == pytest.approx(sum(m.domain == d for d, m in got) / len(got))
         assert row["false_alarms"] == pytest.approx(sum(m.ood for _, m in got) / len(got))
-        for view in ("text", "chars"):  # each check's own share; together they make the false alarms
+        for view in ("text", "chars"):  # the share of texts each view flagged; together they make the false alarms
             assert row["flagged"][view] == pytest.approx(
-                sum(not c.passed for _, m in got for c in m.checks if c.view == view) / len(got))
+                sum(any(not c.passed for c in m.checks if c.view == view) for _, m in got) / len(got))
         assert row["false_alarms"] <= sum(row["flagged"].values()) + 1e-9
     detection = next(d for d in res["detection"] if d["matcher"] == "embedding")
     for kind, texts in OOD.items():

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from domex.runtime import match
 from domex.runtime.chars import CharModel
 from domex.runtime.match import (CANDIDATES, CHARS_WEIGHT, NEIGHBOURS, QUANTILE, TEXT_WEIGHT, Matcher, fallback_domains,
                                  rerank, routing_profile)
@@ -186,7 +187,9 @@ def test_signature_matcher_compares_with_the_demos_summed_profiles(store, model)
         assert m.checks[0].threshold == pytest.approx(views.thresholds["routing"][views.names.index(m.domain)])
 
 
-def test_hybrid_weighs_text_and_routing_and_checks_the_text_and_chars_views(store, model):
+@pytest.mark.parametrize("chars_weight", [CHARS_WEIGHT, 1.0])  # 1.0: the characters overturn the views often
+def test_hybrid_weighs_text_and_routing_and_checks_the_text_and_chars_views(store, model, chars_weight, monkeypatch):
+    monkeypatch.setattr(match, "CHARS_WEIGHT", chars_weight)
     tokenizer = tiny_tokenizer()
     hybrid = Matcher(store, "hybrid", model=model, tokenizer=tokenizer)
     views = hybrid.views(store.snapshot())
@@ -199,21 +202,32 @@ def test_hybrid_weighs_text_and_routing_and_checks_the_text_and_chars_views(stor
     text = vecs @ (centroids / np.linalg.norm(centroids, axis=1, keepdims=True)).T  # [Q, n]
     views_score = TEXT_WEIGHT * text + (1 - TEXT_WEIGHT) * routing  # [Q, n]
     logp = np.array([[views.chars[j].score(t) for j in range(len(views.names))] for t in queries])  # [Q, n]
+    overturned = 0
     for q, m in enumerate(hybrid.match_many(queries)):
         candidates = np.argsort(-views_score[q])[:CANDIDATES]
-        expected = {j: views_score[q, j] + CHARS_WEIGHT * len(queries[q]) * (logp[q, j] - logp[q, candidates].max())
+        expected = {j: views_score[q, j] + chars_weight * len(queries[q]) * (logp[q, j] - logp[q, candidates].max())
                     for j in candidates}
         best, second = sorted(expected, key=expected.get, reverse=True)[:2]
         assert m.domain == views.names[best] and m.matcher == "hybrid" and m.runner_up == views.names[second]
         assert m.similarity == pytest.approx(expected[best], abs=1e-5)
         assert m.margin == pytest.approx(expected[best] - expected[second], abs=1e-5)
-        text_check, chars_check = m.checks
+        text_check, chars_check, *agreement = m.checks
         assert chars_check.similarity == pytest.approx(logp[q, best])
         assert text_check.view == "text" and text_check.threshold == pytest.approx(views.thresholds["text"][best])
         assert text_check.similarity == pytest.approx(closest_in(vecs[q], store.get(m.domain).embeddings), abs=1e-5)
         assert chars_check.view == "chars" and chars_check.threshold == pytest.approx(views.thresholds["chars"][best])
-        assert m.ood == (not text_check.passed or not chars_check.passed)
-    assert [m.domain for m in hybrid.match_many(list(QUERIES.values()))] == list(QUERIES)
+        assert text_check.domain == chars_check.domain == m.domain
+        top = int(np.argmax(views_score[q]))  # the views' choice: when overturned, its text check must pass too
+        assert len(agreement) == (best != top)
+        for check in agreement:
+            overturned += 1
+            assert check.view == "text" and check.domain == views.names[top]
+            assert check.threshold == pytest.approx(views.thresholds["text"][top])
+            assert check.similarity == pytest.approx(closest_in(vecs[q], store.get(check.domain).embeddings), abs=1e-5)
+        assert m.ood == (not all(c.passed for c in m.checks))
+    assert overturned > 0 or chars_weight == CHARS_WEIGHT
+    if chars_weight == CHARS_WEIGHT:
+        assert [m.domain for m in hybrid.match_many(list(QUERIES.values()))] == list(QUERIES)
 
 
 def test_the_characters_settle_long_texts_and_leave_short_ones_to_the_views():
