@@ -29,9 +29,9 @@ MAX_CHARS = 2048  # a text is judged by its first 2048 characters
 _MULT = np.uint64(1_000_003)  # the rolling hash's multiplier (wraps around mod 2**64)
 
 
-def counted(text: str) -> int:
-    """How many characters of `text` a score averages over."""
-    return len(text.lower()[:MAX_CHARS])
+def clipped(text: str) -> str:
+    """What a score reads of `text`: lowercased, its first MAX_CHARS characters."""
+    return text.lower()[:MAX_CHARS]
 
 
 def grams(text: str) -> list[np.ndarray]:
@@ -40,7 +40,7 @@ def grams(text: str) -> list[np.ndarray]:
     The text is lowercased, cut to MAX_CHARS and prefixed with ORDER - 1 start marks (code 0), so
     the first characters are modelled in their start-of-text context.
     """
-    codes = np.frombuffer(text.lower()[:MAX_CHARS].encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
+    codes = np.frombuffer(clipped(text).encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
     padded = np.concatenate([np.zeros(ORDER - 1, dtype=np.uint64), codes])
     out = [padded]
     with np.errstate(over="ignore"):

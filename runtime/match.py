@@ -60,7 +60,7 @@ from domex.store.embed import get_embedder
 from domex.errors import ConfigError, EmptyStore
 from domex.store.index import DemoIndex
 
-from .chars import CharModel, counted
+from .chars import CharModel, clipped
 from .routing import router_logits, router_probs
 
 POLICIES = ("nearest", "union", "general", "full")
@@ -153,7 +153,7 @@ def rerank(row: np.ndarray, chars: list[CharModel], text: str) -> tuple[np.ndarr
     """
     candidates = np.argsort(-row)[:CANDIDATES]
     logp = np.array([chars[j].score(text) for j in candidates])  # mean per character
-    scores = row[candidates] + CHARS_WEIGHT * counted(text) * (logp - logp.max())
+    scores = row[candidates] + CHARS_WEIGHT * len(clipped(text)) * (logp - logp.max())
     best = np.argsort(-scores, kind="stable")
     return candidates[best], scores[best], logp[best]
 

@@ -168,7 +168,7 @@ def export_int8(source: Path, out: Path, weights: str) -> None:
                           input_names=["input_ids", "attention_mask"], output_names=["embedding"],
                           dynamic_axes={"input_ids": {0: "N", 1: "L"}, "attention_mask": {0: "N", 1: "L"},
                                         "embedding": {0: "N"}})
-    quantize_dynamic(fp32, out, weight_type=QuantType.QInt8 if weights == "int8" else QuantType.QUInt8, per_channel=True)
+    quantize_dynamic(fp32, out, weight_type={"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}[weights], per_channel=True)
     fp32.unlink()
 
 
