@@ -55,6 +55,7 @@ MEMORY_METHODS = {"prune": (False, False), "prune+novices": (False, True), "mixe
 DEFAULT_SKIP = 0.2  # the skip ratio of the "+skip" methods (--skip-ratio)
 SPEED_PROMPTS, SPEED_TOKENS = 8, 32  # decode tokens/s per tier: a batch of 8 prompts, 32 greedy tokens each
 TARGET_BUDGET = 0.5  # DESIGN §8 states the quality targets at 50% of the experts
+DEV_PASSAGES = slice(150, 200)  # of each held-out split: never read by `domex eval` (its first 100 at most)
 BASELINES = ("random", "frequency", "gate_sum", "reap")  # what EASY-EP must beat on most domains
 
 
@@ -231,9 +232,18 @@ def split_path(eval_dir: Path, name: str) -> Path:
     return gz if gz.is_file() or not (eval_dir / f"{name}.jsonl").is_file() else eval_dir / f"{name}.jsonl"
 
 
+def dev_passages(eval_dir: Path, domain: str) -> list[str]:
+    """Items DEV_PASSAGES of a held-out split: the passages settings are developed on (tools/dev_*.py)."""
+    return read_split(split_path(eval_dir, domain), DEV_PASSAGES.stop)[DEV_PASSAGES]
+
+
 def load_split(tokenizer, eval_dir: Path, domain: str, limit: int | None, context: int) -> Split:
+    """The first `limit` passages of a held-out split, tokenised (`tokenize`)."""
+    return tokenize(tokenizer, domain, read_split(split_path(eval_dir, domain), limit), context)
+
+
+def tokenize(tokenizer, domain: str, texts: list[str], context: int) -> Split:
     """Plain text, no special tokens (as the demo model was trained), cut to `context` tokens."""
-    texts = read_split(split_path(eval_dir, domain), limit)
     ids = [torch.tensor(x[:context], dtype=torch.long) for x in tokenizer(texts, add_special_tokens=False)["input_ids"]]
     kept = [x for x in ids if len(x) >= 2]  # one token has no next token to predict
     if not kept:

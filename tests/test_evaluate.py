@@ -212,3 +212,14 @@ def test_memory_axis_plans_fit_and_agree_with_the_masks(run):
     assert published["frontier"]["prune"]["50%"] == pytest.approx(
         sum(r["retention"] for r in rows if r["method"] == "prune" and r["memory"] == "50%") / len(HELD_OUT))
     assert set(res["speed"]) == {"float32", "int8", "int4"} and min(res["speed"].values()) > 0
+
+
+def test_dev_passages_are_items_150_to_199_and_eval_reads_none_of_them(tmp_path):
+    """Settings are chosen on them (tools/dev_*.py): `domex eval` as published (first 100) must not see them."""
+    from domex.runtime.evaluate import DEV_PASSAGES, dev_passages, read_split, split_path
+
+    texts = [f"passage {i}" for i in range(250)]
+    write_split(tmp_path / "python.jsonl.gz", texts)
+    dev = dev_passages(tmp_path, "python")
+    assert dev == texts[150:200] and DEV_PASSAGES.start >= 100
+    assert not set(dev) & set(read_split(split_path(tmp_path, "python"), 100))

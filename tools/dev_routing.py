@@ -17,30 +17,34 @@ from dataclasses import asdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DEV_PASSAGES = slice(150, 200)
+
+
+def dev_parser(doc: str) -> argparse.ArgumentParser:
+    """What every dev tool takes: the pool and store measured, where the held-out splits are, a JSON path."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--pool", required=True)
+    ap.add_argument("--store", required=True)
+    ap.add_argument("--eval-dir", default=str(ROOT / "patterns/eval"), help="only its held-out passage splits are read")
+    ap.add_argument("--json")
+    return ap
 
 
 def main() -> int:
-    from domex.runtime.evaluate import evaluate_detection, evaluate_routing, read_ood, read_split, split_path
+    from domex.runtime.evaluate import dev_passages, evaluate_detection, evaluate_routing, read_ood, read_split
     from domex.runtime.match import open_matcher
     from domex.store.db import Store
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--pool", required=True)
-    ap.add_argument("--store", required=True)
+    ap = dev_parser(__doc__)
     ap.add_argument("--matcher", default="hybrid")
     ap.add_argument("--ood-quantile", type=float)
     ap.add_argument("--dev-dir", default=str(ROOT / "patterns/dev"))
-    ap.add_argument("--eval-dir", default=str(ROOT / "patterns/eval"), help="only its held-out passage splits are read")
-    ap.add_argument("--json")
     args = ap.parse_args()
 
     store = Store.open(args.store, create=False)
     matcher = open_matcher(args.matcher, store, args.pool, quantile=args.ood_quantile)
     snapshot, dev = store.snapshot(), Path(args.dev_dir)
     data = {"queries": {d: read_split(dev / "queries" / f"{d}.jsonl", None) for d in snapshot.names},
-            "passages": {d: read_split(split_path(Path(args.eval_dir), d), DEV_PASSAGES.stop)[DEV_PASSAGES]
-                         for d in snapshot.names}}
+            "passages": {d: dev_passages(Path(args.eval_dir), d) for d in snapshot.names}}
     routing = [evaluate_routing(matcher, snapshot, kind, texts) for kind, texts in data.items()]
     detection = evaluate_detection(matcher, snapshot, read_ood(dev))
 
