@@ -6,7 +6,8 @@ Reads patterns/dev/queries, patterns/dev/ood and, as dev passages, items 150-199
 split patterns/eval/<domain>.jsonl.gz (`domex eval` reads the first 100 for routing and the first 30
 for quality, so these are never measured there). patterns/eval/queries and ood are never read: they
 are for the final measurement only (DESIGN §12). The figures are `domex eval`'s own (runtime/evaluate.py):
-for each in-domain set top-1, false alarms and the share each check flagged; the share of each OOD kind caught.
+for each in-domain set top-1, false alarms and the share each check flagged (queries also split into the
+first batch and those added later, patterns/dev/README.md); the share of each OOD kind caught.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+FIRST_BATCH = 16  # requests per domain the packs and settings were developed on; the rest were written apart
 
 
 def dev_parser(doc: str) -> argparse.ArgumentParser:
@@ -43,14 +45,17 @@ def main() -> int:
     store = Store.open(args.store, create=False)
     matcher = open_matcher(args.matcher, store, args.pool, quantile=args.ood_quantile)
     snapshot, dev = store.snapshot(), Path(args.dev_dir)
-    data = {"queries": {d: read_split(dev / "queries" / f"{d}.jsonl", None) for d in snapshot.names},
+    queries = {d: read_split(dev / "queries" / f"{d}.jsonl", None) for d in snapshot.names}
+    data = {"queries": queries,
+            "  first batch": {d: q[:FIRST_BATCH] for d, q in queries.items()},
+            "  added": {d: q[FIRST_BATCH:] for d, q in queries.items()},
             "passages": {d: dev_passages(Path(args.eval_dir), d) for d in snapshot.names}}
     routing = [evaluate_routing(matcher, snapshot, kind, texts) for kind, texts in data.items()]
     detection = evaluate_detection(matcher, snapshot, read_ood(dev))
 
-    print(f"{'data':<10}{'top-1':>8}{'false alarms':>14}  " + "  ".join(f"{v} flagged" for v in matcher.checked))
+    print(f"{'data':<15}{'top-1':>8}{'false alarms':>14}  " + "  ".join(f"{v} flagged" for v in matcher.checked))
     for r in routing:
-        print(f"{r.data:<10}{r.accuracy:>8.1%}{r.false_alarms:>14.1%}  "
+        print(f"{r.data:<15}{r.accuracy:>8.1%}{r.false_alarms:>14.1%}  "
               + "  ".join(f"{r.flagged[v]:>{len(v) + 8}.1%}" for v in matcher.checked))
     print(f"OOD caught {detection.caught:.1%}: " + ", ".join(f"{k} {v:.0%}" for k, v in detection.per_kind.items()))
     if args.json:
