@@ -37,7 +37,7 @@ def main() -> int:
     criteria = check_criteria([args.criterion])
     store = Store.open(args.store, create=False)
     patterns = {n: store.get(n) for n in store.names()}
-    engine = Engine.open(args.pool, budget="100%", fingerprint=store.fingerprint())
+    engine = Engine.open(args.pool, budget="100%", fingerprint=store.fingerprint(), dtype="auto")  # as `domex eval`
     tok = engine.tokenizer
     context = context_length(engine.model.config, None)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0

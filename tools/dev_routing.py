@@ -47,8 +47,8 @@ def main() -> int:
     snapshot, dev = store.snapshot(), Path(args.dev_dir)
     queries = {d: read_split(dev / "queries" / f"{d}.jsonl", None) for d in snapshot.names}
     data = {"queries": queries,
-            "  first batch": {d: q[:FIRST_BATCH] for d, q in queries.items()},
-            "  added": {d: q[FIRST_BATCH:] for d, q in queries.items()},
+            "queries, first": {d: q[:FIRST_BATCH] for d, q in queries.items()},
+            "queries, added": {d: q[FIRST_BATCH:] for d, q in queries.items()},
             "passages": {d: dev_passages(Path(args.eval_dir), d) for d in snapshot.names}}
     routing = [evaluate_routing(matcher, snapshot, kind, texts) for kind, texts in data.items()]
     detection = evaluate_detection(matcher, snapshot, read_ood(dev))
