@@ -3,9 +3,10 @@
 import math
 from collections import Counter
 
+import numpy as np
 import pytest
 
-from domex.runtime.chars import ALPHABET, KEEP, MAX_CHARS, ORDER, CharModel
+from domex.runtime.chars import ALPHABET, KEEP, MAX_CHARS, ORDER, CharModel, grams, scores
 
 SPANISH = ["El que madruga, Dios le ayuda.", "Más vale tarde que nunca.\n\t\t-- Refrán",
            "¿Quién con perros se echa, con pulgas se levanta?"]
@@ -51,3 +52,20 @@ def test_the_domains_own_language_scores_above_a_neighbouring_one():
     model = CharModel.fit(SPANISH * 3)
     assert model.score("Más vale que madruga") > model.score("Mais vale tarde do que nunca, não é?")
     assert model.score("") == pytest.approx(math.log(1 / ALPHABET))
+
+
+def test_a_text_scores_the_same_alone_and_among_others():
+    """Matching scores a batch of texts at once: a text's neighbours in it (empty, long, other models) change nothing."""
+    train = [SPANISH, ["int main(void) { return 0; }", "#include <stdio.h>"]]
+    models = [CharModel.fit(t) for t in train]
+    texts = ["Más vale pájaro en mano", "", "printf(\"%d\\n\", x);", "ß", "x" * 3000, "¿Quién?"]
+    columns = np.array([[0, 1], [1, 0], [1, 1], [0, 0], [0, 1], [1, 0]])
+    got = scores(models, texts, columns)
+    assert got.shape == columns.shape
+    for q, text in enumerate(texts):
+        for i, j in enumerate(columns[q]):
+            want = reference_score(train[j], text) if text else math.log(1 / ALPHABET)
+            assert got[q, i] == pytest.approx(want, abs=1e-9)
+    rest = CharModel.fit(SPANISH[1:])
+    together = models[0].score_grams([grams(t) for t in SPANISH], without=CharModel.fit(SPANISH[:1]))
+    assert together[0] == pytest.approx(rest.score(SPANISH[0]), abs=1e-12)

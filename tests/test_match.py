@@ -8,7 +8,7 @@ import torch
 
 from domex.runtime import match
 from domex.runtime.chars import CharModel
-from domex.runtime.match import (CANDIDATES, CHARS_WEIGHT, NEIGHBOURS, QUANTILE, TEXT_WEIGHT, Matcher, fallback_domains,
+from domex.runtime.match import (CANDIDATES, CHARS_WEIGHT, MAX_TOKENS, NEIGHBOURS, QUANTILE, TEXT_WEIGHT, Matcher, fallback_domains,
                                  rerank, routing_profile)
 from domex.store.db import Store
 from domex.store.demos import Demo
@@ -165,6 +165,19 @@ def test_routing_profile_is_the_mean_router_probability_over_real_tokens(model):
     np.testing.assert_allclose(routing_profile(model, ids, attention), expected, atol=1e-5)
 
 
+def test_a_texts_routing_profile_does_not_depend_on_its_batch(store, model):
+    """Profiles run in length-sorted batches padded on the right, whatever the tokenizer's own padding side
+    (Engine.generate sets it to left): each text's profile is its profile alone, unpadded, in input order."""
+    tokenizer = tiny_tokenizer()
+    tokenizer.padding_side = "left"
+    matcher = Matcher(store, "hybrid", model=model, tokenizer=tokenizer)
+    texts = [t for ts in DOMAINS.values() for t in ts][:7] + [UNRELATED * 3, "x"]
+    alone = np.concatenate([routing_profile(model, tokenizer(t, return_tensors="pt", truncation=True, max_length=MAX_TOKENS)["input_ids"])
+                            for t in texts])  # [Q, E] each text alone, cut at MAX_TOKENS
+    np.testing.assert_allclose(matcher.profiles(texts, batch_size=4), alone, atol=1e-5)
+    np.testing.assert_allclose(matcher.profiles(texts[::-1])[::-1], alone, atol=1e-5)
+
+
 def test_signature_matcher_compares_with_the_demos_summed_profiles(store, model):
     tokenizer = tiny_tokenizer()
     matcher = Matcher(store, "signature", model=model, tokenizer=tokenizer)
@@ -236,12 +249,15 @@ def test_the_characters_settle_long_texts_and_leave_short_ones_to_the_views():
     models = [english, german, english, german]
     row = np.array([0.50, 0.47, 0.10, 0.0])  # the views lean to english; the last domain is no candidate
     short, long = "die katze", " ".join(["die katze schläft und der hund läuft"] * 20)
-    assert rerank(row, models, short)[0][0] == 0
-    order, scores, logp = rerank(row, models, long)
-    assert order[0] == 1 and sorted(order) == list(range(CANDIDATES))
-    assert logp == pytest.approx([models[j].score(long) for j in order])
-    assert scores == pytest.approx(row[order] + CHARS_WEIGHT * len(long) * (logp - logp.max()))
-    assert list(scores) == sorted(scores, reverse=True)
+    orders, ranked, logps = rerank(np.stack([row, row, row[::-1]]), models, [short, long, long])
+    assert orders[0, 0] == 0 and orders[1, 0] == 1
+    assert sorted(orders[2]) == [1, 2, 3]  # each text's own candidates
+    for q, text in enumerate([short, long, long]):
+        order, scores, logp, views = orders[q], ranked[q], logps[q], [row, row, row[::-1]][q]
+        assert sorted(order) == sorted(np.argsort(-views)[:CANDIDATES])
+        assert logp == pytest.approx([models[j].score(text) for j in order])
+        assert scores == pytest.approx(views[order] + CHARS_WEIGHT * len(text) * (logp - logp.max()))
+        assert list(scores) == sorted(scores, reverse=True)
 
 
 def test_routing_profile_leaves_other_threads_forward_alone():
