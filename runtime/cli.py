@@ -88,6 +88,7 @@ COMMANDS: dict[str, Command] = {
         MATCHER, QUANTILE,
         arg("--policy", default="nearest", help="out-of-domain fallback, as serve: nearest, union, general or full"),
         arg("--budget", default="50%", help="experts per layer of the mask that serves each query, as serve"),
+        DTYPE,
         arg("--file", help="one query per line: plain text, or JSONL with a 'text' field when it ends in .jsonl"),
         arg("--json", dest="as_json", action="store_true", help="one JSON decision per line"),
         arg("text", nargs="?", help="one query (or give --file)"))),

@@ -373,16 +373,18 @@ def make_matcher(name: str, store: Store, *, engine=None, quantile: float | None
     return Matcher(store, name, model=model, tokenizer=tokenizer, quantile=quantile)
 
 
-def open_matcher(name: str, store: Store, pool: str | Path | None = None, *, quantile: float | None = None) -> Matcher:
+def open_matcher(name: str, store: Store, pool: str | Path | None = None, *, quantile: float | None = None,
+                 dtype: str = "auto") -> Matcher:
     """A matcher outside a server: with a pool, its model is loaded with the fewest slots a router takes
-    (the routing view stops before any expert), checked against the store's fingerprint."""
+    (the routing view stops before any expert), checked against the store's fingerprint, and computes
+    in `dtype` as `domex serve --dtype` does (auto: float32 on CPU), so both make the same decisions."""
     engine = None
     if pool is not None:
         from .engine import Engine
         from .pool import open_pool
 
         pool = open_pool(pool)
-        engine = Engine.open(pool, budget=str(pool.manifest.top_k), fingerprint=store.fingerprint())
+        engine = Engine.open(pool, budget=str(pool.manifest.top_k), fingerprint=store.fingerprint(), dtype=dtype)
     return make_matcher(name, store, engine=engine, quantile=quantile)
 
 

@@ -225,7 +225,7 @@ class Selector:
 
 def route_command(store: str, text: str | None = None, file: str | None = None, pool: str | None = None,
                   matcher: str = "hybrid", ood_quantile: float | None = None, policy: str = "nearest",
-                  budget: str = "50%", as_json: bool = False) -> int:
+                  budget: str = "50%", as_json: bool = False, dtype: str = "auto") -> int:
     """One decision per query, all from one snapshot, with the model and embedder loaded once."""
     if (text is None) == (file is None):
         raise ConfigError("give one query as TEXT or a file of queries with --file, not both")
@@ -236,7 +236,7 @@ def route_command(store: str, text: str | None = None, file: str | None = None, 
         raise EmptyStore(f"{store}: no domains registered; register one with `domex register`")
     num_layers, num_experts = snapshot.get(snapshot.names[0]).shape
     masks = MaskBook(opened, Budget.parse(budget), num_layers=num_layers, num_experts=num_experts)
-    selector = Selector(opened, open_matcher(matcher, opened, pool, quantile=ood_quantile), masks, policy)
+    selector = Selector(opened, open_matcher(matcher, opened, pool, quantile=ood_quantile, dtype=dtype), masks, policy)
     for start in range(0, len(queries), 64):
         chunk = queries[start:start + 64]
         for (line, _), chosen in zip(chunk, selector.select_many([t for _, t in chunk], snapshot)):

@@ -12,7 +12,7 @@ from domex.runtime.match import Matcher
 from domex.runtime.pool import build
 from domex.store.db import Store
 from domex.store.demos import Demo
-from tiny import DOMAINS, QUERIES, UNRELATED, tiny_checkpoint
+from tiny import DOMAINS, QUERIES, UNRELATED, tiny_checkpoint, tiny_model, tiny_tokenizer
 
 TEXTS = [QUERIES["cooking"], QUERIES["python"].replace("\n    ", " "), UNRELATED]  # one line each
 
@@ -76,3 +76,26 @@ def test_each_decision_names_the_domains_the_policy_serves_it_with(setup, capsys
     inside, outside = [json.loads(line) for line in out.splitlines()]
     assert rc == 0 and inside["domains"] == "cooking" and inside["kept"] == pytest.approx(4 / 8)
     assert outside["ood"] and outside["domains"] == "all experts" and outside["kept"] == 1.0
+
+
+def test_a_bf16_checkpoint_routes_in_float32_on_cpu_as_serve_does(tmp_path, capsys):
+    """`domex route` takes serve's --dtype (auto: float32 on CPU), not the checkpoint's bfloat16: the two
+    would otherwise route the same query through routing views computed at different precisions."""
+    model = tiny_model("qwen3_moe", seed=3)
+    model.to(torch.bfloat16).save_pretrained(tmp_path / "model")
+    tiny_tokenizer().save_pretrained(tmp_path / "model")
+    build(tmp_path / "model", tmp_path / "pool", progress=False)
+    for name in ("cooking", "python", "football"):
+        register(tmp_path / "pool", tmp_path / "store", name, [Demo.from_json({"text": t}) for t in DOMAINS[name]],
+                 progress=False)
+    queries = tmp_path / "q.txt"
+    queries.write_text("\n".join(TEXTS) + "\n")
+    rc, out, _ = route(capsys, "--store", str(tmp_path / "store"), "--pool", str(tmp_path / "pool"), "--file", str(queries),
+                       "--json")
+    got = [json.loads(line)["similarity"] for line in out.splitlines()]
+    store, tokenizer = Store.open(tmp_path / "store", create=False), AutoTokenizer.from_pretrained(tmp_path / "model")
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path / "model", dtype=torch.float32).eval()
+    want = [m.similarity for m in Matcher(store, "hybrid", model=stock, tokenizer=tokenizer).match_many(TEXTS)]
+    bf16 = [m.similarity for m in Matcher(store, "hybrid", model=stock.to(torch.bfloat16), tokenizer=tokenizer).match_many(TEXTS)]
+    assert rc == 0 and got == pytest.approx(want, abs=1e-5)
+    assert max(abs(a - b) for a, b in zip(bf16, want)) > 1e-5  # bfloat16 would miss that tolerance
