@@ -72,6 +72,7 @@ TEXT_WEIGHT = 0.8  # hybrid: the text view's share of a domain's score (chosen o
 CANDIDATES = 3  # hybrid: the best domains the characters' evidence re-ranks
 CHARS_WEIGHT = 0.0005  # hybrid: score per nat of that evidence (chosen on patterns/dev; 0.0004-0.0006 route alike)
 NEIGHBOURS = 3  # the text check: mean cosine of the query's nearest demos of the domain
+SHRINK = 0.5  # the share of a text threshold taken from every domain's probes pooled (chosen on patterns/dev)
 MAX_TOKENS = 256  # the routing view reads the first 256 tokens of a text
 
 
@@ -110,7 +111,8 @@ class DomainViews:
     vectors: np.ndarray  # [N + chat demos, D] its demos' embeddings, then its prompts'
     centroid: np.ndarray  # [D] unit mean of the vectors
     chars: CharModel
-    thresholds: dict[str, float]  # view -> threshold
+    thresholds: dict[str, float]  # view -> threshold from this domain's probes alone
+    text_scores: list[float]  # the text check's leave-one-out scores of its probes
     signature: np.ndarray | None  # [E]
 
 
@@ -176,6 +178,17 @@ def calibrate(similarities: list[float], quantile: float) -> float:
     return float(np.quantile(similarities, quantile)) if similarities else float("-inf")
 
 
+def shrink(own: np.ndarray, pooled: float) -> np.ndarray:
+    """Text thresholds [n] moved SHRINK of the way from each domain's own to the one of all domains' probes.
+
+    A domain whose demos are all alike (44 SQL word problems, 44 proverbs) scores its own probes
+    high, and its own threshold then says more about how alike its demos are than about how its
+    users write: on dev it flagged SQL concept questions ("what is a foreign key") that no demo
+    asks. The pooled quantile is the same check over every registered domain's demos (DESIGN §12).
+    """
+    return (1 - SHRINK) * own + SHRINK * pooled
+
+
 def leave_one_out(probes: list, owners: list[int], score) -> list[float]:
     """score(probe, its demo) of every probe (a demo's text, or a chat demo's prompt); [] with fewer than 2 demos."""
     return [score(x, i) for x, i in zip(probes, owners)] if len(set(owners)) > 1 else []
@@ -233,6 +246,7 @@ class Matcher:
         self.store, self.name, self.k, self.quantile = store, name, k, quantile
         self.uses_text, self.uses_routing = name != "signature", name != "embedding"
         self.checked = ("routing",) if name == "signature" else ("text", "chars")  # the views whose thresholds flag OOD
+        self.share = quantile / len(self.checked)  # each check's part of the false alarms
         self.model = model
         self.tokenizer = copy.deepcopy(tokenizer)  # padding/truncation are tokenizer state: ours alone
         if model is not None:
@@ -281,14 +295,18 @@ class Matcher:
         with self._domains_lock:  # a domain unchanged since the last generation is not derived again
             self._domains = {key: self._domains.get(key) or self._domain(snapshot.get(key[0])) for key in keys}
             domains = [self._domains[key] for key in keys]
+        thresholds = {view: np.array([d.thresholds[view] for d in domains]) for view in self.checked}  # view -> [n]
+        if "text" in thresholds:
+            pooled = calibrate([s for d in domains for s in d.text_scores], self.share)
+            thresholds["text"] = shrink(thresholds["text"], pooled)
         return Views(snapshot.generation, names, np.concatenate([d.vectors for d in domains]),
                      np.cumsum([0] + [len(d.vectors) for d in domains]), np.stack([d.centroid for d in domains]),
-                     [d.chars for d in domains], {view: np.array([d.thresholds[view] for d in domains]) for view in self.checked},
+                     [d.chars for d in domains], thresholds,
                      np.stack([d.signature for d in domains]) if self.uses_routing else None)
 
     def _domain(self, p) -> "DomainViews":
         """One domain's vectors, character model, signature and thresholds (leave-one-out over its demos)."""
-        share = self.quantile / len(self.checked)  # each check's part of the false alarms
+        share, text_scores = self.share, []
         demos = [Demo.from_json(d) for d in p.demos]
         chats = [i for i, d in enumerate(demos) if d.is_chat]
         # the probes: texts, then each chat demo's prompt alone and its response alone
@@ -300,7 +318,8 @@ class Matcher:
         chars = CharModel.fit(texts[:fitted])
         signature, thresholds = None, {}
         if "text" in self.checked:
-            thresholds["text"] = calibrate(leave_one_out(vecs, owners, lambda x, i: closest(vecs[own != i] @ x)), share)
+            text_scores = leave_one_out(vecs, owners, lambda x, i: closest(vecs[own != i] @ x))
+            thresholds["text"] = calibrate(text_scores, share)
         if "chars" in self.checked:
             thresholds["chars"] = calibrate(leave_one_out(texts, owners, lambda t, i: chars.score(
                 t, without=CharModel.fit([texts[j] for j in np.flatnonzero(own[:fitted] == i)]))), share)
@@ -311,7 +330,7 @@ class Matcher:
             probes = [*profiles, *(self.profiles(texts[len(demos):]) if chats else [])]
             thresholds["routing"] = calibrate(leave_one_out(probes, owners, lambda h, i: float(
                 unit(h) @ unit(np.delete(profiles, i, axis=0).sum(axis=0)))), share)
-        return DomainViews(vecs, unit(vecs.mean(axis=0)), chars, thresholds, signature)
+        return DomainViews(vecs, unit(vecs.mean(axis=0)), chars, thresholds, text_scores, signature)
 
     # -- matching --------------------------------------------------------------------------------
 

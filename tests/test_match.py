@@ -8,8 +8,8 @@ import torch
 
 from domex.runtime import match
 from domex.runtime.chars import CharModel
-from domex.runtime.match import (CANDIDATES, CHARS_WEIGHT, MAX_TOKENS, NEIGHBOURS, QUANTILE, TEXT_WEIGHT, Matcher, fallback_domains,
-                                 rerank, routing_profile)
+from domex.runtime.match import (CANDIDATES, CHARS_WEIGHT, MAX_TOKENS, NEIGHBOURS, QUANTILE, SHRINK, TEXT_WEIGHT, Matcher,
+                                 fallback_domains, rerank, routing_profile)
 from domex.store.db import Store
 from domex.store.demos import Demo
 from domex.store.embed import get_embedder
@@ -63,11 +63,13 @@ def probes_of(name, store):
 
 
 def test_thresholds_are_a_quantile_of_each_domains_leave_one_out(tmp_path):
-    """Every demo, and every chat demo's prompt and response alone, against the domain's other demos."""
+    """Every demo, and every chat demo's prompt and response alone, against the domain's other demos; the text
+    threshold then moves SHRINK of the way to the same quantile of every domain's probes together."""
     store = register_all(tmp_path / "s")
     store.register(pattern("french", [{"prompt": p, "response": r} for p, r in FRENCH]))
     views = Matcher(store, "embedding").views(store.snapshot())
     share = QUANTILE / 2  # two checks share the false alarms
+    own, pooled = {}, []
     for j, name in enumerate(views.names):
         texts, vectors, owners = probes_of(name, store)
         n = len(store.get(name).demos)
@@ -76,9 +78,12 @@ def test_thresholds_are_a_quantile_of_each_domains_leave_one_out(tmp_path):
         text = [closest_in(v, vectors, skip=rows) for v, rows in zip(vectors, mine)]
         chars = [CharModel.fit([t for r, t in enumerate(fitted) if r not in rows]).score(t) for t, rows in zip(texts, mine)]
         assert len(text) == len(chars) == n + (2 * len(FRENCH) if name == "french" else 0)
-        assert views.thresholds["text"][j] == pytest.approx(np.quantile(text, share), abs=1e-5)
         assert views.thresholds["chars"][j] == pytest.approx(np.quantile(chars, share), abs=1e-5)
-        assert min(text) <= views.thresholds["text"][j] <= np.quantile(text, 0.5)
+        own[name], pooled = np.quantile(text, share), pooled + text
+    everyone = np.quantile(pooled, share)
+    for j, name in enumerate(views.names):
+        assert views.thresholds["text"][j] == pytest.approx((1 - SHRINK) * own[name] + SHRINK * everyone, abs=1e-5)
+    assert len(set(np.round(list(own.values()), 4))) > 1  # the domains' own thresholds differ: shrinking moves them
     median = Matcher(store, "embedding", quantile=0.5).views(store.snapshot())
     assert (median.thresholds["text"] > views.thresholds["text"]).all()
     assert (median.thresholds["chars"] > views.thresholds["chars"]).all()
@@ -172,8 +177,8 @@ def test_a_texts_routing_profile_does_not_depend_on_its_batch(store, model):
     tokenizer.padding_side = "left"
     matcher = Matcher(store, "hybrid", model=model, tokenizer=tokenizer)
     texts = [t for ts in DOMAINS.values() for t in ts][:7] + [UNRELATED * 3, "x"]
-    alone = np.concatenate([routing_profile(model, tokenizer(t, return_tensors="pt", truncation=True, max_length=MAX_TOKENS)["input_ids"])
-                            for t in texts])  # [Q, E] each text alone, cut at MAX_TOKENS
+    cut = [tokenizer(t, return_tensors="pt", truncation=True, max_length=MAX_TOKENS)["input_ids"] for t in texts]
+    alone = np.concatenate([routing_profile(model, ids) for ids in cut])  # [Q, E] each text alone, cut at MAX_TOKENS
     np.testing.assert_allclose(matcher.profiles(texts, batch_size=4), alone, atol=1e-5)
     np.testing.assert_allclose(matcher.profiles(texts[::-1])[::-1], alone, atol=1e-5)
 
