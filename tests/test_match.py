@@ -89,6 +89,18 @@ def test_thresholds_are_a_quantile_of_each_domains_leave_one_out(tmp_path):
     assert (median.thresholds["chars"] > views.thresholds["chars"]).all()
 
 
+def test_a_domain_with_one_demo_has_no_threshold_and_leaves_the_pooled_one_alone(tmp_path):
+    """One demo leaves nothing to leave out: its thresholds stay -inf (no flag) however the others' are pooled."""
+    store = register_all(tmp_path / "s")
+    before = Matcher(store, "embedding").views(store.snapshot())
+    store.register(pattern("french", [{"text": "Je voudrais un café et un croissant, s'il vous plaît."}]))
+    after = Matcher(store, "embedding").views(store.snapshot())
+    j = after.names.index("french")
+    assert after.thresholds["text"][j] == after.thresholds["chars"][j] == -np.inf
+    others = [after.names.index(n) for n in before.names]
+    np.testing.assert_allclose(after.thresholds["text"][others], before.thresholds["text"], atol=1e-6)
+
+
 def test_queries_match_and_unrelated_text_is_out_of_domain(store):
     texts = list(QUERIES.values()) + [UNRELATED]
     matches = Matcher(store, "embedding").match_many(texts)
