@@ -89,9 +89,10 @@ class CharModel:
         of the order above. Texts are independent: a text scores the same alone or among others.
         """
         sizes = np.array([len(g[0]) - (ORDER - 1) for g in per_text])  # [Q] characters
-        starts = np.concatenate([[0], np.cumsum(sizes + 1)[:-1]])  # [Q] where each block begins
-        first, last = np.zeros(int((sizes + 1).sum()), bool), np.zeros(int((sizes + 1).sum()), bool)
-        first[starts], last[starts + sizes] = True, True
+        ends = np.cumsum(sizes + 1)  # [Q] where each block ends
+        starts = ends - (sizes + 1)  # [Q] where each block begins
+        first, last = np.zeros(int(ends[-1]), bool), np.zeros(int(ends[-1]), bool)
+        first[starts], last[ends - 1] = True, True
 
         def count(k):
             hashes = np.concatenate([g[k][ORDER - 2:] for g in per_text])  # [sum(C + 1)]

@@ -188,6 +188,8 @@ def shrink(own: np.ndarray, pooled: float) -> np.ndarray:
     high, and its own threshold then says more about how alike its demos are than about how its
     users write: on dev it flagged SQL concept questions ("what is a foreign key") that no demo
     asks. The pooled quantile is the same check over every registered domain's demos (DESIGN §12).
+    Only the text view is pooled: chars scores are on each language's own scale, and the routing
+    check (the signature matcher's) was not measured pooled.
     """
     return (1 - SHRINK) * own + SHRINK * pooled
 
@@ -251,7 +253,7 @@ class Matcher:
         self.checked = ("routing",) if name == "signature" else ("text", "chars")  # the views whose thresholds flag OOD
         self.share = quantile / len(self.checked)  # each check's part of the false alarms
         self.model = model
-        self.tokenizer = copy.deepcopy(tokenizer)  # padding/truncation are tokenizer state: ours alone
+        self.tokenizer = copy.deepcopy(tokenizer)  # truncation is tokenizer state: ours alone
         if model is not None:
             self.experts = adapter_for(model.config).num_experts(model.config)
         self.embedder = get_embedder()

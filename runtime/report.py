@@ -258,7 +258,8 @@ def report(res: Results, images: str = "") -> str:
                     [[d.matcher, " + ".join(d.views), f"{d.caught:.1%}"] + [f"{d.per_kind[k]:.0%}" if k in d.per_kind else "" for k in kinds]
                      for d in res.detection])
     lines += ["", "Per-domain thresholds: a text scoring below any one of its domain's is out-of-domain (text, routing: "
-              "cosine; chars: mean log-probability per character).", ""]
+              "cosine; chars: mean log-probability per character). Text thresholds sit halfway between the domain's "
+              "own and the one of all domains' demos pooled.", ""]
     lines += _table(["matcher", "view"] + domains, [[d.matcher, view] + [f"{t[x]:.3f}" for x in domains]
                                                      for d in res.detection for view, t in d.thresholds.items()])
     lines += ["", f"![out-of-domain by kind]({images}ood_by_kind.png)"]
