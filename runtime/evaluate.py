@@ -6,7 +6,8 @@
        domain has checkable tasks (tasks/<domain>.jsonl), task accuracy of greedy generations (runtime/tasks.py)
     -> memory axis (--memory): per share of the expert bytes, each domain's plan (store/plan.py) for every
        method of MEMORY_METHODS, with and without dynamic skipping, scored the same way; decode tokens/s per tier
-    -> routing: every matcher on held-out passages, user-style queries (queries/<domain>.jsonl)
+    -> routing: every matcher on held-out passages, user-style queries (queries/<domain>.jsonl; also per
+       group, where lines name one)
        and each kind of out-of-domain text (ood/<kind>.jsonl)
     -> results.json, report.md, PNG plots (runtime/report.py); optionally docs/RESULTS.md (+ docs/results/*.png)
 
@@ -134,6 +135,7 @@ class Routing:
     false_alarms: float  # share of these in-domain texts flagged out-of-domain
     seconds: float
     flagged: dict[str, float] | None = None  # view -> share of these texts that view's check flagged
+    groups: dict[str, dict] | None = None  # group -> {texts, accuracy, false_alarms, flagged} of its texts alone
 
 
 @dataclass(frozen=True)
@@ -196,26 +198,38 @@ class Results:
 # held-out data
 
 
-def read_split(path: Path, limit: int | None) -> list[str]:
-    """The first `limit` texts of a held-out file (JSONL or JSONL.gz, one {"text": ...} per line)."""
+def read_lines(path: Path, limit: int | None) -> list[dict]:
+    """The first `limit` lines of a held-out file (JSONL or JSONL.gz), each a JSON object with a "text"
+    string and, optionally, a "group" string: the set of texts it is also reported with (queries/)."""
     if not path.is_file():
         raise ConfigError(f"no held-out split at {path}; write one {{\"text\": ...}} per line there or pass the "
                           "right --eval-dir")
     opener = gzip.open if path.suffix == ".gz" else open
-    texts = []
+    lines = []
     with opener(path, "rt", encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                texts.append(json.loads(line)["text"])
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise ConfigError(f"{path}: line {n} is not a JSON object with a \"text\" field") from None
-            if limit is not None and len(texts) >= limit:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                record = None
+            if not isinstance(record, dict) or "text" not in record:
+                raise ConfigError(f"{path}: line {n} is not a JSON object with a \"text\" field")
+            if not isinstance(record.get("group", ""), str):
+                raise ConfigError(f"{path}: line {n}: field \"group\" must be a string (the name of the set the "
+                                  f"text is also reported with), got {record['group']!r}")
+            lines.append(record)
+            if limit is not None and len(lines) >= limit:
                 break
-    if not texts:
+    if not lines:
         raise ConfigError(f"{path} holds no passages; a held-out split needs at least one")
-    return texts
+    return lines
+
+
+def read_split(path: Path, limit: int | None) -> list[str]:
+    """The first `limit` texts of a held-out file (read_lines)."""
+    return [line["text"] for line in read_lines(path, limit)]
 
 
 def read_ood(eval_dir: Path) -> dict[str, list[str]]:
@@ -463,23 +477,32 @@ def decode_speed(engine, mask: Mask, prompts: list[str]) -> dict[str, float]:
 # routing
 
 
-def evaluate_routing(matcher, snapshot, data: str, texts: dict[str, list[str]]) -> Routing:
-    """Top-1 domain accuracy, confusion matrix and false alarms of one matcher on in-domain texts."""
+def evaluate_routing(matcher, snapshot, data: str, texts: dict[str, list[str]],
+                     groups: dict[str, list[str | None]] | None = None) -> Routing:
+    """Top-1 domain accuracy, confusion matrix and false alarms of one matcher on in-domain texts;
+    `groups`: each text's group (None: none), whose texts are also scored on their own."""
     start = time.perf_counter()
     labels = snapshot.names
+    true = [labels.index(d) for d, domain_texts in texts.items() for _ in domain_texts]
+    matches = [m for domain_texts in texts.values() for m in match_all(matcher, snapshot, domain_texts)]
+    predicted = [labels.index(m.domain) for m in matches]
     confusion = np.zeros((len(labels), len(labels)), dtype=int)  # [true, predicted]
-    alarms, flagged = 0, dict.fromkeys(matcher.checked, 0)
-    for domain, domain_texts in texts.items():
-        i = labels.index(domain)
-        for m in match_all(matcher, snapshot, domain_texts):
-            confusion[i, labels.index(m.domain)] += 1
-            alarms += m.ood
-            for view in {c.view for c in m.checks if not c.passed}:  # a text counts once per view
-                flagged[view] += 1
-    n = confusion.sum()
+    np.add.at(confusion, (true, predicted), 1)
+    correct = np.equal(true, predicted)
+    flagged = {view: np.array([any(c.view == view and not c.passed for c in m.checks) for m in matches])
+               for view in matcher.checked}  # view -> [texts] a text counts once per view
+    alarms = np.array([m.ood for m in matches])
+
+    def shares(rows: np.ndarray) -> dict:
+        return {"texts": int(rows.sum()), "accuracy": float(correct[rows].mean()), "false_alarms": float(alarms[rows].mean()),
+                "flagged": {view: float(f[rows].mean()) for view, f in flagged.items()}}
+
+    every = shares(np.ones(len(matches), dtype=bool))
+    group_of = np.array([g for d in texts for g in (groups or {}).get(d, [None] * len(texts[d]))], dtype=object)
+    per_group = {g: shares(group_of == g) for g in dict.fromkeys(g for g in group_of if g is not None)} or None
     per_domain = {d: float(confusion[i, i] / confusion[i].sum()) for i, d in enumerate(labels) if d in texts}
-    return Routing(matcher.name, data, float(np.trace(confusion) / n), per_domain, labels, confusion.tolist(),
-                   float(alarms / n), time.perf_counter() - start, {view: k / n for view, k in flagged.items()})
+    return Routing(matcher.name, data, every["accuracy"], per_domain, labels, confusion.tolist(), every["false_alarms"],
+                   time.perf_counter() - start, every["flagged"], per_group)
 
 
 def evaluate_detection(matcher, snapshot, ood: dict[str, list[str]]) -> Detection:
@@ -583,8 +606,10 @@ def evaluate(pool, store, *, budgets=DEFAULT_BUDGETS, criteria=DEFAULT_CRITERIA,
         eval_dir = Path(eval_dir)
         splits = {d: load_split(tok, eval_dir, d, max_passages, context) for d in names}
         passages = {d: read_split(split_path(eval_dir, d), routing_passages) for d in names}
-        queries = {d: read_split(eval_dir / "queries" / f"{d}.jsonl", None) for d in names
-                   if (eval_dir / "queries" / f"{d}.jsonl").is_file()}
+        query_lines = {d: read_lines(eval_dir / "queries" / f"{d}.jsonl", None) for d in names
+                       if (eval_dir / "queries" / f"{d}.jsonl").is_file()}
+        queries = {d: [line["text"] for line in lines] for d, lines in query_lines.items()}
+        query_groups = {d: [line.get("group") for line in lines] for d, lines in query_lines.items()}
         ood = read_ood(eval_dir)
         tasks = read_all(eval_dir, names, max_tasks)
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
@@ -605,8 +630,8 @@ def evaluate(pool, store, *, budgets=DEFAULT_BUDGETS, criteria=DEFAULT_CRITERIA,
         routing, detection = [], []
         for kind in tqdm(MATCHERS, desc="routing", unit="matcher", disable=not progress):
             matcher = make_matcher(kind, store, engine=engine)
-            routing += [evaluate_routing(matcher, snapshot, data, texts)
-                        for data, texts in (("passages", passages), ("queries", queries)) if texts]
+            routing += [evaluate_routing(matcher, snapshot, data, texts, groups)
+                        for data, texts, groups in (("passages", passages, None), ("queries", queries, query_groups)) if texts]
             detection.append(evaluate_detection(matcher, snapshot, ood))
         t3 = time.perf_counter()
     finally:

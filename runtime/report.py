@@ -250,6 +250,13 @@ def report(res: Results, images: str = "") -> str:
                     [[r.matcher, r.data, f"{r.accuracy:.1%}", f"{r.false_alarms:.1%}",
                       ", ".join(f"{v} {x:.1%}" for v, x in (r.flagged or {}).items()), f"{r.seconds:.1f}"]
                      + [f"{r.per_domain[d]:.0%}" if d in r.per_domain else "" for d in domains] for r in res.routing])
+    grouped = [r for r in res.routing if r.groups]
+    if grouped:
+        lines += ["", "The same per group: the texts whose line in `queries/<domain>.jsonl` names that `group`.", ""]
+        lines += _table(["matcher", "data", "group", "texts", "top-1", "false alarms", "by each check"],
+                        [[r.matcher, r.data, g, str(x["texts"]), f"{x['accuracy']:.1%}", f"{x['false_alarms']:.1%}",
+                          ", ".join(f"{v} {f:.1%}" for v, f in x["flagged"].items())]
+                         for r in grouped for g, x in r.groups.items()])
     kinds = sorted({k for d in res.detection for k in d.per_kind})
     lines += ["", "Out-of-domain texts flagged, per kind (`ood/<kind>.jsonl`). Each kind is scored with thresholds "
               "fitted without it; since thresholds use in-domain demos only, that is every kind with the same "

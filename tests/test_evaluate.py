@@ -26,15 +26,16 @@ HELD_OUT = {  # not the demos
 }
 QUERIES = {"cooking": ["how long do I boil an egg", "what goes in a pancake batter?"],
            "python": ["how do I reverse a list in python", "why does my for loop print None"]}
+GROUPS = ["asked first", "asked later"]  # each query file's lines in turn: the `group` field
 TASKS = [{"prompt": "What is 2 + 2?", "answer": "4"}, {"prompt": "What is 3 * 3?", "answer": "9"}]  # python only
 OOD = {"prose": [UNRELATED, "The tides rise twice a day near the coast."],
        "protein": ["MKTAYIAKQRQISFVKSHFSRQLEERLGLIEVQAPILSRVGDGTQDNLSGAEK"]}
 
 
-def write_split(path, texts):
+def write_split(path, texts, groups=None):
     with (gzip.open if path.suffix == ".gz" else open)(path, "wt", encoding="utf-8") as f:
-        for t in texts:
-            f.write(json.dumps({"text": t}) + "\n")
+        for t, g in zip(texts, groups or [None] * len(texts)):
+            f.write(json.dumps({"text": t} | ({"group": g} if g else {})) + "\n")
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +59,7 @@ def make_run(root):
     for folder, files in (("queries", QUERIES), ("ood", OOD)):
         (root / "eval" / folder).mkdir()
         for name, texts in files.items():
-            write_split(root / "eval" / folder / f"{name}.jsonl", texts)
+            write_split(root / "eval" / folder / f"{name}.jsonl", texts, GROUPS if folder == "queries" else None)
     (root / "eval" / "tasks").mkdir()
     (root / "eval" / "tasks" / "python.jsonl").write_text("".join(json.dumps(t) + "\n" for t in TASKS))
     out, docs = root / "out", root / "docs"
@@ -135,6 +136,9 @@ def test_report_and_plots_are_written(run):
             data = (folder / name).read_bytes()
             assert len(data) > 1000 and data[:8] == b"\x89PNG\r\n\x1a\n", folder / name
     assert "](results/accuracy_vs_budget.png)" in (docs / "RESULTS.md").read_text()
+    for r in res["routing"]:  # the queries' groups have rows of their own
+        for group, x in (r["groups"] or {}).items():
+            assert f"| {r['matcher']} | {r['data']} | {group} | {x['texts']} | {x['accuracy']:.1%} |" in text
 
 
 def test_full_model_row_equals_stock_transformers(run):
@@ -160,24 +164,52 @@ def test_full_model_row_equals_stock_transformers(run):
 
 
 def test_embedding_figures_equal_matching_each_text_directly(run):
-    """The routing and detection rows recomputed from Matcher.match_many one text at a time."""
+    """The routing and detection rows recomputed from Matcher.match_many one text at a time, and the
+    queries' figures per group (the i-th line of each query file is in GROUPS[i]) from that group's texts."""
     from domex.runtime.match import Matcher
     from domex.store.db import Store
 
     _, _, _, res = run
     matcher = Matcher(Store.open(res["setup"]["store"], create=False), "embedding")
     for data, texts in (("passages", HELD_OUT), ("queries", QUERIES)):
-        got = [(d, matcher.match_many([t])[0]) for d, ts in texts.items() for t in ts]
+        got = [(d, i, matcher.match_many([t])[0]) for d, ts in texts.items() for i, t in enumerate(ts)]
         row = next(r for r in res["routing"] if r["matcher"] == "embedding" and r["data"] == data)
-        assert row["accuracy"] == pytest.approx(sum(m.domain == d for d, m in got) / len(got))
-        assert row["false_alarms"] == pytest.approx(sum(m.ood for _, m in got) / len(got))
+        assert row["accuracy"] == pytest.approx(sum(m.domain == d for d, _, m in got) / len(got))
+        assert row["false_alarms"] == pytest.approx(sum(m.ood for _, _, m in got) / len(got))
         for view in ("text", "chars"):  # the share of texts each view flagged; together they make the false alarms
             assert row["flagged"][view] == pytest.approx(
-                sum(any(not c.passed for c in m.checks if c.view == view) for _, m in got) / len(got))
+                sum(any(not c.passed for c in m.checks if c.view == view) for _, _, m in got) / len(got))
         assert row["false_alarms"] <= sum(row["flagged"].values()) + 1e-9
+        if data == "passages":  # their lines name no group
+            assert row["groups"] is None
+            continue
+        assert list(row["groups"]) == GROUPS
+        for i, group in enumerate(GROUPS):
+            mine = [(d, m) for d, j, m in got if j == i]
+            figures = row["groups"][group]
+            assert figures["texts"] == len(mine) == len(QUERIES)
+            assert figures["accuracy"] == pytest.approx(sum(m.domain == d for d, m in mine) / len(mine))
+            assert figures["false_alarms"] == pytest.approx(sum(m.ood for _, m in mine) / len(mine))
+            assert figures["flagged"]["chars"] == pytest.approx(
+                sum(any(not c.passed for c in m.checks if c.view == "chars") for _, m in mine) / len(mine))
     detection = next(d for d in res["detection"] if d["matcher"] == "embedding")
     for kind, texts in OOD.items():
         assert detection["per_kind"][kind] == pytest.approx(sum(matcher.match_many([t])[0].ood for t in texts) / len(texts))
+
+
+def test_a_bad_line_in_a_held_out_file_is_a_clear_error_naming_it(tmp_path):
+    from domex.errors import ConfigError
+    from domex.runtime.evaluate import read_lines
+
+    path = tmp_path / "python.jsonl"
+    good = '{"text": "how do I sort a dict", "group": "first"}\n\n'
+    for bad, message in (('{"text": "what is a generator", "group": 2}', 'line 3: field "group" must be a string.*got 2'),
+                         ('["what is a generator"]', 'line 3 is not a JSON object with a "text" field'),
+                         ('{"prompt": "what is a generator"}', 'line 3 is not a JSON object with a "text" field')):
+        path.write_text(good + bad + "\n")
+        with pytest.raises(ConfigError, match=rf"{path}: {message}"):
+            read_lines(path, None)
+        assert [x.get("group") for x in read_lines(path, 1)] == ["first"]  # the lines before it read as they are
 
 
 def test_missing_ood_folder_is_a_clear_error(tmp_path):

@@ -6,8 +6,8 @@ Reads patterns/dev/queries, patterns/dev/ood and, as dev passages, items 150-199
 split patterns/eval/<domain>.jsonl.gz (`domex eval` reads the first 100 for routing and the first 30
 for quality, so these are never measured there). patterns/eval/queries and ood are never read: they
 are for the final measurement only (DESIGN §12). The figures are `domex eval`'s own (runtime/evaluate.py):
-for each in-domain set top-1, false alarms and the share each check flagged (queries also split into the
-first batch and those added later, patterns/dev/README.md); the share of each OOD kind caught.
+for each in-domain set top-1, false alarms and the share each check flagged (queries also per group: the
+first batch and those added later, the `group` field, patterns/dev/README.md); the share of each OOD kind caught.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from dataclasses import asdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-FIRST_BATCH = 16  # requests per domain the packs and settings were developed on; the rest were written apart
 
 
 def dev_parser(doc: str) -> argparse.ArgumentParser:
@@ -32,7 +31,7 @@ def dev_parser(doc: str) -> argparse.ArgumentParser:
 
 
 def main() -> int:
-    from domex.runtime.evaluate import dev_passages, evaluate_detection, evaluate_routing, read_ood, read_split
+    from domex.runtime.evaluate import dev_passages, evaluate_detection, evaluate_routing, read_lines, read_ood
     from domex.runtime.match import open_matcher
     from domex.store.db import Store
 
@@ -45,21 +44,21 @@ def main() -> int:
     store = Store.open(args.store, create=False)
     matcher = open_matcher(args.matcher, store, args.pool, quantile=args.ood_quantile)
     snapshot, dev = store.snapshot(), Path(args.dev_dir)
-    queries = {d: read_split(dev / "queries" / f"{d}.jsonl", None) for d in snapshot.names}
-    data = {"queries": queries,
-            "queries, first": {d: q[:FIRST_BATCH] for d, q in queries.items()},
-            "queries, added": {d: q[FIRST_BATCH:] for d, q in queries.items()},
-            "passages": {d: dev_passages(Path(args.eval_dir), d) for d in snapshot.names}}
-    routing = [evaluate_routing(matcher, snapshot, kind, texts) for kind, texts in data.items()]
+    lines = {d: read_lines(dev / "queries" / f"{d}.jsonl", None) for d in snapshot.names}
+    queries = evaluate_routing(matcher, snapshot, "queries", {d: [x["text"] for x in ls] for d, ls in lines.items()},
+                               {d: [x.get("group") for x in ls] for d, ls in lines.items()})
+    passages = evaluate_routing(matcher, snapshot, "passages", {d: dev_passages(Path(args.eval_dir), d) for d in snapshot.names})
+    rows = [("queries", asdict(queries)), *((f"queries, {g}", x) for g, x in (queries.groups or {}).items()),
+            ("passages", asdict(passages))]
     detection = evaluate_detection(matcher, snapshot, read_ood(dev))
 
     print(f"{'data':<15}{'top-1':>8}{'false alarms':>14}  " + "  ".join(f"{v} flagged" for v in matcher.checked))
-    for r in routing:
-        print(f"{r.data:<15}{r.accuracy:>8.1%}{r.false_alarms:>14.1%}  "
-              + "  ".join(f"{r.flagged[v]:>{len(v) + 8}.1%}" for v in matcher.checked))
+    for name, r in rows:
+        print(f"{name:<15}{r['accuracy']:>8.1%}{r['false_alarms']:>14.1%}  "
+              + "  ".join(f"{r['flagged'][v]:>{len(v) + 8}.1%}" for v in matcher.checked))
     print(f"OOD caught {detection.caught:.1%}: " + ", ".join(f"{k} {v:.0%}" for k, v in detection.per_kind.items()))
     if args.json:
-        out = {"matcher": args.matcher, "quantile": matcher.quantile, "routing": [asdict(r) for r in routing],
+        out = {"matcher": args.matcher, "quantile": matcher.quantile, "routing": [asdict(queries), asdict(passages)],
                "detection": asdict(detection)}
         Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
     return 0
