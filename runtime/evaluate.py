@@ -123,6 +123,16 @@ class MemoryRow:
 
 
 @dataclass(frozen=True)
+class Figures:
+    """Routing figures of one group of texts (a Routing's `groups`)."""
+
+    texts: int
+    accuracy: float  # top-1 domain
+    false_alarms: float  # share flagged out-of-domain
+    flagged: dict[str, float]  # view -> share that view's check flagged
+
+
+@dataclass(frozen=True)
 class Routing:
     """One matcher on one set of in-domain texts: held-out passages or user-style queries."""
 
@@ -135,7 +145,7 @@ class Routing:
     false_alarms: float  # share of these in-domain texts flagged out-of-domain
     seconds: float
     flagged: dict[str, float] | None = None  # view -> share of these texts that view's check flagged
-    groups: dict[str, dict] | None = None  # group -> {texts, accuracy, false_alarms, flagged} of its texts alone
+    groups: dict[str, Figures] | None = None  # group -> the figures of its texts alone
 
 
 @dataclass(frozen=True)
@@ -214,8 +224,8 @@ def read_lines(path: Path, limit: int | None) -> list[dict]:
                 record = json.loads(line)
             except json.JSONDecodeError:
                 record = None
-            if not isinstance(record, dict) or "text" not in record:
-                raise ConfigError(f"{path}: line {n} is not a JSON object with a \"text\" field")
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise ConfigError(f"{path}: line {n} is not a JSON object with a \"text\" string")
             if not isinstance(record.get("group", ""), str):
                 raise ConfigError(f"{path}: line {n}: field \"group\" must be a string (the name of the set the "
                                   f"text is also reported with), got {record['group']!r}")
@@ -230,6 +240,13 @@ def read_lines(path: Path, limit: int | None) -> list[dict]:
 def read_split(path: Path, limit: int | None) -> list[str]:
     """The first `limit` texts of a held-out file (read_lines)."""
     return [line["text"] for line in read_lines(path, limit)]
+
+
+def read_queries(folder: Path, names: list[str]) -> tuple[dict[str, list[str]], dict[str, list[str | None]]]:
+    """(domain -> texts, domain -> each text's group or None) from `folder`/<domain>.jsonl, for each domain that has one."""
+    lines = {d: read_lines(folder / f"{d}.jsonl", None) for d in names if (folder / f"{d}.jsonl").is_file()}
+    return ({d: [x["text"] for x in ls] for d, ls in lines.items()},
+            {d: [x.get("group") for x in ls] for d, ls in lines.items()})
 
 
 def read_ood(eval_dir: Path) -> dict[str, list[str]]:
@@ -493,16 +510,16 @@ def evaluate_routing(matcher, snapshot, data: str, texts: dict[str, list[str]],
                for view in matcher.checked}  # view -> [texts] a text counts once per view
     alarms = np.array([m.ood for m in matches])
 
-    def shares(rows: np.ndarray) -> dict:
-        return {"texts": int(rows.sum()), "accuracy": float(correct[rows].mean()), "false_alarms": float(alarms[rows].mean()),
-                "flagged": {view: float(f[rows].mean()) for view, f in flagged.items()}}
+    def figures(rows: np.ndarray) -> Figures:
+        return Figures(int(rows.sum()), float(correct[rows].mean()), float(alarms[rows].mean()),
+                       {view: float(f[rows].mean()) for view, f in flagged.items()})
 
-    every = shares(np.ones(len(matches), dtype=bool))
+    every = figures(np.ones(len(matches), dtype=bool))
     group_of = np.array([g for d in texts for g in (groups or {}).get(d, [None] * len(texts[d]))], dtype=object)
-    per_group = {g: shares(group_of == g) for g in dict.fromkeys(g for g in group_of if g is not None)} or None
+    per_group = {g: figures(group_of == g) for g in dict.fromkeys(g for g in group_of if g is not None)} or None
     per_domain = {d: float(confusion[i, i] / confusion[i].sum()) for i, d in enumerate(labels) if d in texts}
-    return Routing(matcher.name, data, every["accuracy"], per_domain, labels, confusion.tolist(), every["false_alarms"],
-                   time.perf_counter() - start, every["flagged"], per_group)
+    return Routing(matcher.name, data, every.accuracy, per_domain, labels, confusion.tolist(), every.false_alarms,
+                   time.perf_counter() - start, every.flagged, per_group)
 
 
 def evaluate_detection(matcher, snapshot, ood: dict[str, list[str]]) -> Detection:
@@ -606,10 +623,7 @@ def evaluate(pool, store, *, budgets=DEFAULT_BUDGETS, criteria=DEFAULT_CRITERIA,
         eval_dir = Path(eval_dir)
         splits = {d: load_split(tok, eval_dir, d, max_passages, context) for d in names}
         passages = {d: read_split(split_path(eval_dir, d), routing_passages) for d in names}
-        query_lines = {d: read_lines(eval_dir / "queries" / f"{d}.jsonl", None) for d in names
-                       if (eval_dir / "queries" / f"{d}.jsonl").is_file()}
-        queries = {d: [line["text"] for line in lines] for d, lines in query_lines.items()}
-        query_groups = {d: [line.get("group") for line in lines] for d, lines in query_lines.items()}
+        queries, query_groups = read_queries(eval_dir / "queries", names)
         ood = read_ood(eval_dir)
         tasks = read_all(eval_dir, names, max_tasks)
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0

@@ -254,8 +254,8 @@ def report(res: Results, images: str = "") -> str:
     if grouped:
         lines += ["", "The same per group: the texts whose line in `queries/<domain>.jsonl` names that `group`.", ""]
         lines += _table(["matcher", "data", "group", "texts", "top-1", "false alarms", "by each check"],
-                        [[r.matcher, r.data, g, str(x["texts"]), f"{x['accuracy']:.1%}", f"{x['false_alarms']:.1%}",
-                          ", ".join(f"{v} {f:.1%}" for v, f in x["flagged"].items())]
+                        [[r.matcher, r.data, g, str(x.texts), f"{x.accuracy:.1%}", f"{x.false_alarms:.1%}",
+                          ", ".join(f"{v} {f:.1%}" for v, f in x.flagged.items())]
                          for r in grouped for g, x in r.groups.items()])
     kinds = sorted({k for d in res.detection for k in d.per_kind})
     lines += ["", "Out-of-domain texts flagged, per kind (`ood/<kind>.jsonl`). Each kind is scored with thresholds "

@@ -204,8 +204,9 @@ def test_a_bad_line_in_a_held_out_file_is_a_clear_error_naming_it(tmp_path):
     path = tmp_path / "python.jsonl"
     good = '{"text": "how do I sort a dict", "group": "first"}\n\n'
     for bad, message in (('{"text": "what is a generator", "group": 2}', 'line 3: field "group" must be a string.*got 2'),
-                         ('["what is a generator"]', 'line 3 is not a JSON object with a "text" field'),
-                         ('{"prompt": "what is a generator"}', 'line 3 is not a JSON object with a "text" field')):
+                         ('["what is a generator"]', 'line 3 is not a JSON object with a "text" string'),
+                         ('{"prompt": "what is a generator"}', 'line 3 is not a JSON object with a "text" string'),
+                         ('{"text": 3}', 'line 3 is not a JSON object with a "text" string')):
         path.write_text(good + bad + "\n")
         with pytest.raises(ConfigError, match=rf"{path}: {message}"):
             read_lines(path, None)

@@ -31,7 +31,7 @@ def dev_parser(doc: str) -> argparse.ArgumentParser:
 
 
 def main() -> int:
-    from domex.runtime.evaluate import dev_passages, evaluate_detection, evaluate_routing, read_lines, read_ood
+    from domex.runtime.evaluate import dev_passages, evaluate_detection, evaluate_routing, read_ood, read_queries
     from domex.runtime.match import open_matcher
     from domex.store.db import Store
 
@@ -44,18 +44,15 @@ def main() -> int:
     store = Store.open(args.store, create=False)
     matcher = open_matcher(args.matcher, store, args.pool, quantile=args.ood_quantile)
     snapshot, dev = store.snapshot(), Path(args.dev_dir)
-    lines = {d: read_lines(dev / "queries" / f"{d}.jsonl", None) for d in snapshot.names}
-    queries = evaluate_routing(matcher, snapshot, "queries", {d: [x["text"] for x in ls] for d, ls in lines.items()},
-                               {d: [x.get("group") for x in ls] for d, ls in lines.items()})
+    queries = evaluate_routing(matcher, snapshot, "queries", *read_queries(dev / "queries", snapshot.names))
     passages = evaluate_routing(matcher, snapshot, "passages", {d: dev_passages(Path(args.eval_dir), d) for d in snapshot.names})
-    rows = [("queries", asdict(queries)), *((f"queries, {g}", x) for g, x in (queries.groups or {}).items()),
-            ("passages", asdict(passages))]
+    rows = [("queries", queries), *((f"queries, {g}", x) for g, x in (queries.groups or {}).items()), ("passages", passages)]
     detection = evaluate_detection(matcher, snapshot, read_ood(dev))
 
     print(f"{'data':<15}{'top-1':>8}{'false alarms':>14}  " + "  ".join(f"{v} flagged" for v in matcher.checked))
     for name, r in rows:
-        print(f"{name:<15}{r['accuracy']:>8.1%}{r['false_alarms']:>14.1%}  "
-              + "  ".join(f"{r['flagged'][v]:>{len(v) + 8}.1%}" for v in matcher.checked))
+        print(f"{name:<15}{r.accuracy:>8.1%}{r.false_alarms:>14.1%}  "
+              + "  ".join(f"{r.flagged[v]:>{len(v) + 8}.1%}" for v in matcher.checked))
     print(f"OOD caught {detection.caught:.1%}: " + ", ".join(f"{k} {v:.0%}" for k, v in detection.per_kind.items()))
     if args.json:
         out = {"matcher": args.matcher, "quantile": matcher.quantile, "routing": [asdict(queries), asdict(passages)],
