@@ -200,28 +200,36 @@ def leave_one_out(probes: list, owners: list[int], score) -> list[float]:
 
 
 class _StopForward(Exception):
-    """Raised by the routing hook once the first MoE layer's router has run: the rest is not needed."""
+    """Raised by the routing hook once the last router asked for has run: the rest is not needed."""
 
 
-def routing_profile(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> np.ndarray:
-    """float32 [Q, E]: each query's router probabilities in the first MoE layer, averaged over its tokens.
+def routing_profile(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                    layers: int = 1) -> np.ndarray:
+    """float32 [Q, layers x E]: each query's router probabilities in the first `layers` MoE layers, averaged
+    over its tokens, side by side. The forward stops at the last of those routers.
 
     Probabilities rather than top-k counts: on a short query the counts are a handful of votes,
-    the probabilities say how close every expert came. The forward stops at that router.
+    the probabilities say how close every expert came. The matcher reads the first layer alone, so
+    no routed expert has to be resident; a deeper layer needs every expert of the layers before it
+    (tools/dev_signatures.py: on dev, deeper layers' signatures route within three requests of the first's).
     """
     adapter = adapter_for(model.config)
     cfg = adapter.router_config(model.config)
-    router = adapter.router(adapter.moe_blocks(model)[0][1])
-    captured = {}
+    blocks = adapter.moe_blocks(model)
+    if not 1 <= layers <= len(blocks):
+        raise ConfigError(f"a routing profile reads 1 to {len(blocks)} MoE layers of this model, not {layers}")
+    routers = [adapter.router(block) for _, block in blocks[:layers]]
+    captured = []
     caller = threading.get_ident()
 
     def hook(module, args):
         if threading.get_ident() != caller:  # a server generates on another thread with the same model
             return None
-        captured["probs"] = router_probs(router_logits(module, args[0], cfg), cfg)  # [Q*T, E] fp32
-        raise _StopForward
+        captured.append(router_probs(router_logits(module, args[0], cfg), cfg))  # [Q*T, E] fp32
+        if len(captured) == len(routers):
+            raise _StopForward
 
-    handle = router.register_forward_pre_hook(hook)
+    handles = [router.register_forward_pre_hook(hook) for router in routers]
     try:
         with torch.no_grad():  # the base model without a KV cache; no mask when nothing is padded (the causal fast path)
             padded = attention_mask is not None and not bool(attention_mask.all())
@@ -229,10 +237,11 @@ def routing_profile(model: torch.nn.Module, input_ids: torch.Tensor, attention_m
     except _StopForward:
         pass
     finally:
-        handle.remove()
-    probs = captured["probs"].reshape(input_ids.shape[0], input_ids.shape[1], -1).cpu()  # [Q, T, E]
+        for handle in handles:
+            handle.remove()
+    probs = torch.cat(captured, dim=-1).reshape(input_ids.shape[0], input_ids.shape[1], -1).cpu()  # [Q, T, layers x E]
     valid = (attention_mask if attention_mask is not None else torch.ones_like(input_ids)).to(torch.float32)  # [Q, T]
-    total = (probs * valid.unsqueeze(-1)).sum(dim=1)  # [Q, E]
+    total = (probs * valid.unsqueeze(-1)).sum(dim=1)  # [Q, layers x E]
     return (total / valid.sum(dim=1, keepdim=True).clamp_min(1)).numpy()
 
 

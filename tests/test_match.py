@@ -171,15 +171,21 @@ def test_routing_profile_is_the_mean_router_probability_over_real_tokens(model):
     ids = tokens(0, batch=2, length=10)
     attention = torch.ones_like(ids)
     attention[1, 6:] = 0  # the second row is right-padded
-    inputs = []
-    gate = model.model.layers[0].mlp.gate
-    handle = gate.register_forward_pre_hook(lambda m, a: inputs.append(a[0].detach()))
+    gates = [model.model.layers[i].mlp.gate for i in range(2)]
+    inputs = {}
+    handles = [g.register_forward_pre_hook(lambda m, a, i=i: inputs.setdefault(i, a[0].detach())) for i, g in enumerate(gates)]
     with torch.no_grad():
         model(input_ids=ids, attention_mask=attention)
-    handle.remove()
-    probs = torch.softmax(inputs[0].reshape(2, 10, -1) @ gate.weight.detach().T, dim=-1)  # [Q, T, E], qwen3_moe's softmax router
-    expected = np.stack([probs[0].mean(0).numpy(), probs[1, :6].mean(0).numpy()])
-    np.testing.assert_allclose(routing_profile(model, ids, attention), expected, atol=1e-5)
+    for handle in handles:
+        handle.remove()
+    expected = []
+    for i, gate in enumerate(gates):  # qwen3_moe's softmax router
+        probs = torch.softmax(inputs[i].reshape(2, 10, -1) @ gate.weight.detach().T, dim=-1)  # [Q, T, E]
+        expected.append(np.stack([probs[0].mean(0).numpy(), probs[1, :6].mean(0).numpy()]))
+    np.testing.assert_allclose(routing_profile(model, ids, attention), expected[0], atol=1e-5)
+    np.testing.assert_allclose(routing_profile(model, ids, attention, layers=2), np.concatenate(expected, 1), atol=1e-5)
+    with pytest.raises(ValueError, match="reads 1 to 2 MoE layers of this model, not 3"):
+        routing_profile(model, ids, layers=3)
 
 
 def test_a_texts_routing_profile_does_not_depend_on_its_batch(store, model):
