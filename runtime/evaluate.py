@@ -7,8 +7,8 @@
     -> memory axis (--memory): per share of the expert bytes, each domain's plan (store/plan.py) for every
        method of MEMORY_METHODS, with and without dynamic skipping, scored the same way; decode tokens/s per tier
     -> routing: every matcher on held-out passages, user-style queries (queries/<domain>.jsonl; also per
-       group, where lines name one)
-       and each kind of out-of-domain text (ood/<kind>.jsonl)
+       group, where lines name one), chats where there are some (conversations.jsonl: each one's last
+       user turn alone, and as `domex serve` reads a chat) and each kind of out-of-domain text (ood/<kind>.jsonl)
     -> results.json, report.md, PNG plots (runtime/report.py); optionally docs/RESULTS.md (+ docs/results/*.png)
 
 Masks compared at each budget, on each domain's held-out split:
@@ -56,6 +56,8 @@ MEMORY_METHODS = {"prune": (False, False), "prune+novices": (False, True), "mixe
 DEFAULT_SKIP = 0.2  # the skip ratio of the "+skip" methods (--skip-ratio)
 SPEED_PROMPTS, SPEED_TOKENS = 8, 32  # decode tokens/s per tier: a batch of 8 prompts, 32 greedy tokens each
 TARGET_BUDGET = 0.5  # DESIGN §8 states the quality targets at 50% of the experts
+TARGET_DATA = ("passages", "queries")  # the routing sets the targets are stated for (issue 13); chats are reported only
+CHATS = "conversations.jsonl"  # of an eval or dev folder: chats whose last user turn is routed
 DEV_PASSAGES = slice(150, 200)  # of each held-out split: never read by `domex eval` (its first 100 at most)
 BASELINES = ("random", "frequency", "gate_sum", "reap")  # what EASY-EP must beat on most domains
 
@@ -137,7 +139,7 @@ class Routing:
     """One matcher on one set of in-domain texts: held-out passages or user-style queries."""
 
     matcher: str
-    data: str  # "passages" | "queries"
+    data: str  # "passages" | "queries" | "chats, last turn" | "chats"
     accuracy: float  # top-1 domain over all texts (whether or not flagged OOD)
     per_domain: dict[str, float]
     labels: list[str]
@@ -247,6 +249,34 @@ def read_queries(folder: Path, names: list[str]) -> tuple[dict[str, list[str]], 
     lines = {d: read_lines(folder / f"{d}.jsonl", None) for d in names if (folder / f"{d}.jsonl").is_file()}
     return ({d: [x["text"] for x in ls] for d, ls in lines.items()},
             {d: [x.get("group") for x in ls] for d, ls in lines.items()})
+
+
+def read_chats(path: Path, names: list[str]) -> dict[str, dict[str, list[str]]]:
+    """reading -> domain -> texts from a file of chats, one `{"messages": [...], "domain": NAME}` per line,
+    NAME the domain of the last user turn: "chats, last turn" reads that turn alone, "chats" the chat as
+    `domex serve` does (runtime/query.py). No file: no chats."""
+    from .query import query_text
+
+    out = {"chats, last turn": {d: [] for d in names}, "chats": {d: [] for d in names}}
+    if not path.is_file():
+        return {}
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            chat = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: line {n} is not JSON ({e.msg})") from None
+        messages = chat.get("messages") if isinstance(chat, dict) else None
+        if not (isinstance(messages, list) and messages and all(isinstance(m, dict) for m in messages)
+                and messages[-1].get("role") == "user"):
+            raise ConfigError(f"{path}: line {n}: field \"messages\" must be a list of messages ending with a user turn")
+        if chat.get("domain") not in names:
+            raise ConfigError(f"{path}: line {n}: field \"domain\" must name the last turn's domain, one of "
+                              f"{', '.join(names)}; got {chat.get('domain')!r}")
+        out["chats, last turn"][chat["domain"]].append(query_text({"messages": messages[-1:]}, chat=True))
+        out["chats"][chat["domain"]].append(query_text(chat, chat=True))
+    return {reading: {d: t for d, t in texts.items() if t} for reading, texts in out.items()}
 
 
 def read_ood(eval_dir: Path) -> dict[str, list[str]]:
@@ -566,7 +596,7 @@ def check_targets(rows: list[QualityRow], routing: list[Routing], detection: lis
             out.append(Target(f"{PRIMARY} beats {name}", f"higher accuracy on most domains (>= {half} of {len(ours)})",
                               f"{wins}/{len(ours)} domains (lower NLL on {lower}/{len(ours)})", wins >= half,
                               f"{wins - half:+d} domains; mean accuracy gap {gap * 100:+.2f} pts"))
-    for r in routing:
+    for r in (r for r in routing if r.data in TARGET_DATA):
         out.append(Target(f"routing top-1 on {r.data} ({r.matcher})", ">= 97%", f"{r.accuracy:.1%}", r.accuracy >= 0.97,
                           f"{(r.accuracy - 0.97) * 100:+.1f} pts"))
         out.append(Target(f"false alarms on {r.data} ({r.matcher})", "<= 3%", f"{r.false_alarms:.1%}", r.false_alarms <= 0.03,
@@ -624,6 +654,7 @@ def evaluate(pool, store, *, budgets=DEFAULT_BUDGETS, criteria=DEFAULT_CRITERIA,
         splits = {d: load_split(tok, eval_dir, d, max_passages, context) for d in names}
         passages = {d: read_split(split_path(eval_dir, d), routing_passages) for d in names}
         queries, query_groups = read_queries(eval_dir / "queries", names)
+        chats = read_chats(eval_dir / CHATS, names)
         ood = read_ood(eval_dir)
         tasks = read_all(eval_dir, names, max_tasks)
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
@@ -644,8 +675,8 @@ def evaluate(pool, store, *, budgets=DEFAULT_BUDGETS, criteria=DEFAULT_CRITERIA,
         routing, detection = [], []
         for kind in tqdm(MATCHERS, desc="routing", unit="matcher", disable=not progress):
             matcher = make_matcher(kind, store, engine=engine)
-            routing += [evaluate_routing(matcher, snapshot, data, texts, groups)
-                        for data, texts, groups in (("passages", passages, None), ("queries", queries, query_groups)) if texts]
+            sets = [("passages", passages, None), ("queries", queries, query_groups), *((c, t, None) for c, t in chats.items())]
+            routing += [evaluate_routing(matcher, snapshot, data, texts, groups) for data, texts, groups in sets if texts]
             detection.append(evaluate_detection(matcher, snapshot, ood))
         t3 = time.perf_counter()
     finally:
@@ -665,6 +696,7 @@ def evaluate(pool, store, *, budgets=DEFAULT_BUDGETS, criteria=DEFAULT_CRITERIA,
              "context": context, "batch_size": batch_size, "target_budget": target_budget,
              "passages": {d: len(s.ids) for d, s in splits.items()}, "tokens": {d: s.tokens for d, s in splits.items()},
              "routing_passages": {d: len(q) for d, q in passages.items()}, "queries": {d: len(q) for d, q in queries.items()},
+             "chats": {d: len(q) for d, q in chats.get("chats", {}).items()},
              "ood": {kind: len(t) for kind, t in ood.items()}, "tasks": {d: len(t) for d, t in tasks.items()},
              "runs": sum(len(r.domains) for r in runs), "memory": memories, "skip_ratio": skip_ratio,
              "tiers": {t: manifest.tier_bytes(t) for t in [manifest.base_tier, *manifest.tiers]}}

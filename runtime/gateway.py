@@ -1,6 +1,6 @@
 """Gateway: an OpenAI-compatible front that matches each query to a domain and proxies it to that domain's upstream.
 
-    request -> query text (prompt, or last user message) -> embedding matcher -> domain -> upstream URL
+    request -> query text (prompt, or the user turns newest first) -> embedding matcher -> domain -> upstream URL
     (healthy? else the default) -> proxied as is (SSE passed through chunk by chunk) -> X-Domex-* headers
 
 The upstreams are any OpenAI-compatible servers: `vllm serve` of a `domex export` checkpoint per
@@ -33,7 +33,8 @@ from starlette.concurrency import run_in_threadpool
 from domex.store.db import Store
 from domex.errors import BadGateway, BadRequest, ConfigError, UpstreamUnavailable
 
-from .protocol import install_error_handlers, query_text
+from .protocol import install_error_handlers
+from .query import query_text
 
 PROXIED = ("/v1/completions", "/v1/chat/completions")
 REQUEST_DROPPED = {"host", "accept-encoding"}  # bytes are passed through raw, so ask the upstream for no compression

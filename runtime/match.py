@@ -49,7 +49,6 @@ Legend: Q queries, k neighbours, N demos, M vectors, n domains, D embedding dim,
 from __future__ import annotations
 
 import copy
-import json
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -419,31 +418,3 @@ def open_matcher(name: str, store: Store, pool: str | Path | None = None, *, qua
         pool = open_pool(pool)
         engine = Engine.open(pool, budget=str(pool.manifest.top_k), fingerprint=store.fingerprint(), dtype=dtype)
     return make_matcher(name, store, engine=engine, quantile=quantile)
-
-
-def read_queries(path: str | Path) -> list[tuple[int, str]]:
-    """(line number, query) of each non-blank line: plain text, or a JSON object's 'text' for a .jsonl file."""
-    path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"cannot read queries from {path}: {e}") from None
-    out = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        if path.suffix != ".jsonl":
-            out.append((number, line))
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}:{number}: not JSON ({e.msg}); a .jsonl file holds one {{\"text\": ...}} per line") from None
-        text = record.get("text") if isinstance(record, dict) else None
-        if not isinstance(text, str) or not text.strip():
-            raise ConfigError(f"{path}:{number}: field 'text' must be a non-empty string; a .jsonl file holds one "
-                              "{\"text\": ...} per line (other files: one plain-text query per line)")
-        out.append((number, text))
-    if not out:
-        raise ConfigError(f"{path} holds no queries")
-    return out

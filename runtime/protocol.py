@@ -19,6 +19,8 @@ from pydantic import BaseModel, Field, field_validator
 
 from domex.store.pattern import check_name
 
+from .query import message_text, query_text
+
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
                405: "invalid_request_error", 409: "invalid_request_error", 413: "invalid_request_error",
                429: "rate_limit_error", 503: "service_unavailable_error"}
@@ -37,23 +39,6 @@ def error_response(status: int, message: str, code: str, headers: dict | None = 
 def error_code(exc: Exception) -> str:
     """snake_case of the exception's class: UnknownDomain -> unknown_domain."""
     return re.sub(r"(?<!^)(?=[A-Z])", "_", type(exc).__name__).lower()
-
-
-def message_text(content) -> str:
-    """A chat message's text: the string, or the text of OpenAI content parts joined."""
-    if isinstance(content, list):
-        return " ".join(p.get("text", "") for p in content if isinstance(p, dict))
-    return str(content)
-
-
-def query_text(body: dict, chat: bool) -> str:
-    """What the matcher reads: a completion's prompt, or a chat's last user message (text parts joined)."""
-    if chat:
-        messages = [m for m in body.get("messages") or [] if isinstance(m, dict)]
-        users = [m for m in messages if m.get("role") == "user"] or messages
-        return message_text(users[-1].get("content", "")) if users else ""
-    prompt = body.get("prompt", "")
-    return prompt if isinstance(prompt, str) else " ".join(map(str, prompt))
 
 
 class ChatMessage(BaseModel):
@@ -93,7 +78,7 @@ class ChatCompletionRequest(SamplingParams):
     messages: list[ChatMessage] = Field(min_length=1)
 
     def query_text(self) -> str:
-        """What the matcher looks at: the last user message."""
+        """What the matcher looks at: the user turns, the newest first."""
         return query_text(self.model_dump(), chat=True)
 
 

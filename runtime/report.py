@@ -202,8 +202,9 @@ def report(res: Results, images: str = "") -> str:
              f"domain ({', '.join(f'{d} {n}' for d, n in s['passages'].items())}; {sum(s['tokens'].values())} scored "
              f"tokens), truncated to {s['context']} tokens; {s['runs']} (mask, domain) runs. Routing: "
              f"{sum(s['routing_passages'].values())} in-domain passages ({_first(s['routing_passages_asked'])} per domain), "
-             f"{sum(s['queries'].values())} user-style queries and {sum(s['ood'].values())} out-of-domain texts of "
-             f"{len(s['ood'])} kinds.", "",
+             f"{sum(s['queries'].values())} user-style queries, "
+             + (f"{sum(s['chats'].values())} chats, " if s.get("chats") else "")
+             + f"and {sum(s['ood'].values())} out-of-domain texts of {len(s['ood'])} kinds.", "",
              "## Targets (DESIGN §8)", ""]
     lines += _table(["target", "goal", "measured", "met", "margin"],
                     [[t.name, t.goal, t.value, "met" if t.met else "**missed**", t.by] for t in res.targets])
@@ -242,7 +243,10 @@ def report(res: Results, images: str = "") -> str:
     lines += ["",
               "## Routing", "",
               "Every matcher on held-out text, never the demos: passages cut from the held-out splits, and short "
-              "queries written the way users write (`queries/<domain>.jsonl`). Top-1 counts the nearest domain whether "
+              "queries written the way users write (`queries/<domain>.jsonl`), and where there are chats "
+              "(`conversations.jsonl`) the domain of each chat's last user turn, matched on that turn alone (`chats, "
+              "last turn`) and as `domex serve` reads a chat, its user turns newest first (`chats`); the targets are "
+              "stated for passages and queries. Top-1 counts the nearest domain whether "
               "or not the text was flagged out-of-domain; false alarms are in-domain texts flagged out-of-domain "
               "(by each check: the share that check flagged). "
               "Thresholds are fitted on the registered demos alone (DESIGN §12).", ""]

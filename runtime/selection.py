@@ -24,7 +24,8 @@ from domex.store.plan import Plan, memory_bytes, pool_plan
 from domex.store.scores import CRITERIA, PRIMARY
 
 from .device import DTYPES
-from .match import MATCHERS, POLICIES, Match, fallback_domains, open_matcher, read_queries
+from .match import MATCHERS, POLICIES, Match, fallback_domains, open_matcher
+from .query import read_queries
 
 
 @dataclass(frozen=True)

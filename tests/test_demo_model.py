@@ -104,6 +104,9 @@ def test_packs_share_no_text_with_the_query_and_ood_sets():
 
     held = {norm(json.loads(l)["text"]): p.relative_to(PATTERNS) for folder in ("eval", "dev") for sub in ("queries", "ood")
             for p in sorted((PATTERNS / folder / sub).glob("*.jsonl")) for l in p.read_text().splitlines()}
+    chats = PATTERNS / "dev" / "conversations.jsonl"
+    held |= {norm(m["content"]): chats.relative_to(PATTERNS) for l in chats.read_text().splitlines()
+             for m in json.loads(l)["messages"] if m["role"] == "user"}
     assert len(held) > 500
     for d in DOMAINS:
         for number, line in enumerate((PATTERNS / f"{d}.jsonl").read_text().splitlines(), start=1):

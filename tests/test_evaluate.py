@@ -27,6 +27,14 @@ HELD_OUT = {  # not the demos
 QUERIES = {"cooking": ["how long do I boil an egg", "what goes in a pancake batter?"],
            "python": ["how do I reverse a list in python", "why does my for loop print None"]}
 GROUPS = ["asked first", "asked later"]  # each query file's lines in turn: the `group` field
+CHATS = [  # the domain of each chat's last user turn; the second leans on the turn before it, the third changes domain
+    {"messages": [{"role": "user", "content": "how do I boil pasta"}, {"role": "assistant", "content": "In salted water."},
+                  {"role": "user", "content": "how long should I simmer the tomato sauce?"}], "domain": "cooking"},
+    {"messages": [{"role": "user", "content": "def area(r):\n    return 3.14 * r * r"}, {"role": "assistant", "content": "ok"},
+                  {"role": "user", "content": "and for a list of them?"}], "domain": "python"},
+    {"messages": [{"role": "user", "content": "how do I whisk egg whites"}, {"role": "assistant", "content": "Until stiff."},
+                  {"role": "user", "content": "import os\nprint(os.getcwd())"}], "domain": "python"},
+]
 TASKS = [{"prompt": "What is 2 + 2?", "answer": "4"}, {"prompt": "What is 3 * 3?", "answer": "9"}]  # python only
 OOD = {"prose": [UNRELATED, "The tides rise twice a day near the coast."],
        "protein": ["MKTAYIAKQRQISFVKSHFSRQLEERLGLIEVQAPILSRVGDGTQDNLSGAEK"]}
@@ -60,6 +68,7 @@ def make_run(root):
         (root / "eval" / folder).mkdir()
         for name, texts in files.items():
             write_split(root / "eval" / folder / f"{name}.jsonl", texts, GROUPS if folder == "queries" else None)
+    (root / "eval" / "conversations.jsonl").write_text("".join(json.dumps(c) + "\n" for c in CHATS))
     (root / "eval" / "tasks").mkdir()
     (root / "eval" / "tasks" / "python.jsonl").write_text("".join(json.dumps(t) + "\n" for t in TASKS))
     out, docs = root / "out", root / "docs"
@@ -88,11 +97,14 @@ def test_every_criterion_budget_and_domain_is_reported(run):
         assert 0.0 <= r["accuracy"] <= 1.0 and r["nll"] > 0 and r["experts_used"] <= r["experts_kept"]
         assert r["experts_kept"] == r["experts_per_layer"] * 2  # two MoE layers
     matchers = {"embedding", "signature", "hybrid"}
-    assert {(r["matcher"], r["data"]) for r in res["routing"]} == {(m, d) for m in matchers for d in ("passages", "queries")}
+    data = ("passages", "queries", "chats, last turn", "chats")
+    assert {(r["matcher"], r["data"]) for r in res["routing"]} == {(m, d) for m in matchers for d in data}
     for r in res["routing"]:
-        texts = HELD_OUT if r["data"] == "passages" else QUERIES
-        assert len(r["confusion"]) == 2 and sum(map(sum, r["confusion"])) == sum(map(len, texts.values()))
+        count = {"passages": sum(map(len, HELD_OUT.values())), "queries": sum(map(len, QUERIES.values()))}.get(r["data"], len(CHATS))
+        assert len(r["confusion"]) == 2 and sum(map(sum, r["confusion"])) == count
         assert 0.0 <= r["false_alarms"] <= 1.0
+    assert res["setup"]["chats"] == {"cooking": 1, "python": 2}
+    assert not [t for t in res["targets"] if "chats" in t["name"]]  # the targets are stated for passages and queries
     assert {d["matcher"] for d in res["detection"]} == matchers
     for d in res["detection"]:
         assert set(d["per_kind"]) == set(OOD) and set(d["thresholds"]) == set(d["views"])
@@ -192,6 +204,12 @@ def test_embedding_figures_equal_matching_each_text_directly(run):
             assert figures["false_alarms"] == pytest.approx(sum(m.ood for _, m in mine) / len(mine))
             assert figures["flagged"]["chars"] == pytest.approx(
                 sum(any(not c.passed for c in m.checks if c.view == "chars") for _, m in mine) / len(mine))
+    for data, turns in (("chats, last turn", lambda c: c["messages"][-1:]), ("chats", lambda c: c["messages"])):
+        users = [[m["content"] for m in turns(c) if m["role"] == "user"] for c in CHATS]  # as domex serve reads a chat:
+        got = [(c["domain"], matcher.match_many(["\n\n".join(u[::-1])])[0]) for c, u in zip(CHATS, users)]  # newest first
+        row = next(r for r in res["routing"] if r["matcher"] == "embedding" and r["data"] == data)
+        assert row["accuracy"] == pytest.approx(sum(m.domain == d for d, m in got) / len(got))
+        assert row["false_alarms"] == pytest.approx(sum(m.ood for _, m in got) / len(got))
     detection = next(d for d in res["detection"] if d["matcher"] == "embedding")
     for kind, texts in OOD.items():
         assert detection["per_kind"][kind] == pytest.approx(sum(matcher.match_many([t])[0].ood for t in texts) / len(texts))
@@ -211,6 +229,27 @@ def test_a_bad_line_in_a_held_out_file_is_a_clear_error_naming_it(tmp_path):
         with pytest.raises(ConfigError, match=rf"{path}: {message}"):
             read_lines(path, None)
         assert [x.get("group") for x in read_lines(path, 1)] == ["first"]  # the lines before it read as they are
+
+
+def test_a_bad_chat_is_a_clear_error_naming_its_line(tmp_path):
+    from domex.errors import ConfigError
+    from domex.runtime.evaluate import read_chats
+
+    path = tmp_path / "conversations.jsonl"
+    assert read_chats(path, ["python"]) == {}  # no file, no chats
+    good = json.dumps(CHATS[1]) + "\n\n"
+    for bad, message in ((json.dumps({"messages": "hi", "domain": "python"}), 'field "messages" must be a list'),
+                         (json.dumps({"messages": CHATS[1]["messages"][:2], "domain": "python"}), "ending with a user turn"),
+                         (json.dumps({**CHATS[1], "domain": "rust"}), 'field "domain" must name.*one of python; got \'rust\''),
+                         ("{not json", "line 3 is not JSON")):
+        path.write_text(good + bad + "\n")
+        with pytest.raises(ConfigError, match=rf"{path}: line 3"):
+            read_chats(path, ["python"])
+        with pytest.raises(ConfigError, match=message):
+            read_chats(path, ["python"])
+    path.write_text(good)
+    assert read_chats(path, ["python", "cooking"]) == {"chats, last turn": {"python": ["and for a list of them?"]},
+                                                       "chats": {"python": ["and for a list of them?\n\n" + CHATS[1]["messages"][0]["content"]]}}
 
 
 def test_missing_ood_folder_is_a_clear_error(tmp_path):

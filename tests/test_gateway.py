@@ -12,7 +12,8 @@ import httpx
 import pytest
 
 from domex.runtime.gateway import Gateway, GatewayConfig
-from domex.runtime.protocol import ChatCompletionRequest, query_text
+from domex.runtime.protocol import ChatCompletionRequest
+from domex.runtime.query import query_text
 from domex.runtime.indexer import register
 from domex.runtime.match import Match
 from domex.runtime.pool import build
@@ -208,13 +209,15 @@ def test_upstream_flags_are_checked():
     assert GatewayConfig.from_flags(["a=http://h:1/"], "http://d:2/").upstreams == {"a": "http://h:1"}
 
 
-def test_query_text_reads_prompt_or_last_user_message():
+def test_query_text_reads_the_prompt_or_the_user_turns_newest_first():
     assert query_text({"prompt": "abc"}, chat=False) == "abc"
-    chat = {"messages": [{"role": "user", "content": "first"}, {"role": "assistant", "content": "x"},
-                         {"role": "user", "content": [{"type": "text", "text": "second"}]}]}
-    assert query_text(chat, chat=True) == "second"
+    chat = {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "first"},
+                         {"role": "assistant", "content": "x"}, {"role": "user", "content": [{"type": "text", "text": "second"}]}]}
+    assert query_text(chat, chat=True) == "second\n\nfirst"
+    assert query_text({"messages": chat["messages"][:2]}, chat=True) == "first"
+    assert query_text({"messages": [{"role": "system", "content": "only"}]}, chat=True) == "only"  # no user turn: what there is
     served = ChatCompletionRequest.model_validate(chat)  # domex serve reads content parts the same way
-    assert served.messages[-1].content == "second" and served.query_text() == "second"
+    assert served.messages[-1].content == "second" and served.query_text() == "second\n\nfirst"
 
 
 def test_cli_refuses_a_malformed_upstream(tmp_path, capsys):

@@ -61,6 +61,18 @@ def test_jsonl_reads_the_text_field_and_a_bad_line_names_file_and_line(setup, ca
     assert rc == 2 and out == "" and f"{bad}:2" in err and "'text'" in err
 
 
+def test_a_chat_line_is_routed_as_domex_serve_reads_a_chat(setup, capsys, tmp_path):
+    """{"messages": [...]}: the user turns, the newest first, the same decision as that text on a line of its own."""
+    turns = [{"role": "user", "content": TEXTS[1]}, {"role": "assistant", "content": "ok"}, {"role": "user", "content": "and again?"}]
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text(json.dumps({"messages": turns}) + "\n" + json.dumps({"text": "and again?\n\n" + TEXTS[1]}) + "\n"
+                     + json.dumps({"text": "and again?"}) + "\n")
+    rc, out, _ = route(capsys, "--store", str(setup / "store"), "--matcher", "embedding", "--file", str(chats), "--json")
+    chat, joined, alone = [json.loads(line) for line in out.splitlines()]
+    assert rc == 0 and chat["domain"] == joined["domain"] == "python"
+    assert chat["similarity"] == joined["similarity"] != alone["similarity"]
+
+
 def test_the_default_matcher_without_a_pool_is_a_clear_error(setup, capsys):
     rc, out, err = route(capsys, "--store", str(setup / "store"), TEXTS[0])
     assert rc == 2 and out == "" and "--pool" in err

@@ -57,6 +57,22 @@ def test_chat_and_streaming_give_the_same_greedy_text(server):
     assert text == whole.json()["choices"][0]["message"]["content"]
 
 
+def test_a_chat_is_matched_on_its_user_turns_newest_first(server):
+    """A follow-up is matched with the turns before it: the same decision as a prompt of those turns, newest first."""
+    follow_up = "and if empty?"
+    turns = [{"role": "user", "content": QUERIES["python"]}, {"role": "assistant", "content": "ok"},
+             {"role": "user", "content": follow_up}]
+    chat = httpx.post(f"{server}/v1/chat/completions", json={"messages": turns, "max_tokens": 2}, timeout=60)
+    joined = httpx.post(f"{server}/v1/completions", json={"prompt": follow_up + "\n\n" + QUERIES["python"], "max_tokens": 2},
+                        timeout=60)
+    alone = httpx.post(f"{server}/v1/chat/completions", json={"messages": turns[-1:], "max_tokens": 2}, timeout=60)
+    assert chat.status_code == joined.status_code == alone.status_code == 200, chat.text
+    seen, expected = chat.json()["domex"], joined.json()["domex"]
+    assert chat.headers["x-domex-domain"] == seen["domain"] == expected["domain"] == "python"
+    assert (seen["similarity"], seen["margin"], seen["ood"]) == (expected["similarity"], expected["margin"], expected["ood"])
+    assert alone.json()["domex"]["similarity"] != seen["similarity"]  # the follow-up alone is another query
+
+
 def test_forced_domain_and_errors(server):
     forced = httpx.post(f"{server}/v1/completions", json={"prompt": QUERIES["cooking"], "max_tokens": 2, "domain": "python"}, timeout=60)
     assert forced.status_code == 200 and forced.json()["domex"]["domain"] == "python" and forced.json()["domex"]["forced"]

@@ -8,6 +8,8 @@ for quality, so these are never measured there). patterns/eval/queries and ood a
 are for the final measurement only (DESIGN §12). The figures are `domex eval`'s own (runtime/evaluate.py):
 for each in-domain set top-1, false alarms and the share each check flagged (queries also per group: the
 first batch and those added later, the `group` field, patterns/dev/README.md); the share of each OOD kind caught.
+Chats (patterns/dev/conversations.jsonl, 48 of them): the domain of each one's last user turn, matched on that
+turn alone ("chats, last turn") and as the server reads a chat ("chats": runtime/query.py, the user turns newest first).
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ def dev_parser(doc: str) -> argparse.ArgumentParser:
 
 
 def main() -> int:
-    from domex.runtime.evaluate import dev_passages, evaluate_detection, evaluate_routing, read_ood, read_queries
+    from domex.runtime.evaluate import (CHATS, dev_passages, evaluate_detection, evaluate_routing, read_chats, read_ood,
+                                        read_queries)
     from domex.runtime.match import open_matcher
     from domex.store.db import Store
 
@@ -46,17 +49,19 @@ def main() -> int:
     snapshot, dev = store.snapshot(), Path(args.dev_dir)
     queries = evaluate_routing(matcher, snapshot, "queries", *read_queries(dev / "queries", snapshot.names))
     passages = evaluate_routing(matcher, snapshot, "passages", {d: dev_passages(Path(args.eval_dir), d) for d in snapshot.names})
-    rows = [("queries", queries), *((f"queries, {g}", x) for g, x in (queries.groups or {}).items()), ("passages", passages)]
+    chats = {c: evaluate_routing(matcher, snapshot, c, texts) for c, texts in read_chats(dev / CHATS, snapshot.names).items()}
+    rows = [("queries", queries), *((f"queries, {g}", x) for g, x in (queries.groups or {}).items()), ("passages", passages),
+            *chats.items()]
     detection = evaluate_detection(matcher, snapshot, read_ood(dev))
 
-    print(f"{'data':<15}{'top-1':>8}{'false alarms':>14}  " + "  ".join(f"{v} flagged" for v in matcher.checked))
+    print(f"{'data':<21}{'top-1':>8}{'false alarms':>14}  " + "  ".join(f"{v} flagged" for v in matcher.checked))
     for name, r in rows:
-        print(f"{name:<15}{r.accuracy:>8.1%}{r.false_alarms:>14.1%}  "
+        print(f"{name:<21}{r.accuracy:>8.1%}{r.false_alarms:>14.1%}  "
               + "  ".join(f"{r.flagged[v]:>{len(v) + 8}.1%}" for v in matcher.checked))
     print(f"OOD caught {detection.caught:.1%}: " + ", ".join(f"{k} {v:.0%}" for k, v in detection.per_kind.items()))
     if args.json:
         out = {"matcher": args.matcher, "quantile": matcher.quantile, "routing": [asdict(queries), asdict(passages)],
-               "detection": asdict(detection)}
+               "chats": {c: asdict(r) for c, r in chats.items()}, "detection": asdict(detection)}
         Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
     return 0
 

@@ -117,12 +117,13 @@ def requests_of(domain: str, text: str, rng: random.Random, held_out: set[str]) 
 
 
 def held_out_queries(patterns: Path) -> set[str]:
-    """Every evaluation and dev query, lower-cased: training requests must not repeat them."""
+    """Every evaluation and dev query and every user turn of a dev chat, lower-cased: training requests must not repeat them."""
     out = set()
     for folder in (patterns / "eval" / "queries", patterns / "dev"):
         for path in folder.rglob("*.jsonl"):
-            out |= {json.loads(line)["text"].lower().strip() for line in path.read_text(encoding="utf-8").splitlines()
-                    if line.strip()}
+            for record in (json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()):
+                turns = [m["content"] for m in record["messages"] if m["role"] == "user"] if "messages" in record else [record["text"]]
+                out |= {t.lower().strip() for t in turns}
     return out
 
 
