@@ -257,9 +257,9 @@ def read_chats(path: Path, names: list[str]) -> dict[str, dict[str, list[str]]]:
     `domex serve` does (runtime/query.py). No file: no chats."""
     from .query import query_text
 
-    out = {"chats, last turn": {d: [] for d in names}, "chats": {d: [] for d in names}}
     if not path.is_file():
         return {}
+    out = {"chats, last turn": {d: [] for d in names}, "chats": {d: [] for d in names}}
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
