@@ -45,6 +45,7 @@ from domex.store.plan import Plan, pool_plan
 from domex.store.scores import CRITERIA, PRIMARY, check_criteria
 
 from .indexer import context_length, jaccard
+from .query import query_text
 from .tasks import Task, read_all, task_accuracy
 
 DEFAULT_BUDGETS = ("0.25", "0.5", "0.75")
@@ -136,7 +137,7 @@ class Figures:
 
 @dataclass(frozen=True)
 class Routing:
-    """One matcher on one set of in-domain texts: held-out passages or user-style queries."""
+    """One matcher on one set of in-domain texts: held-out passages, user-style queries, or chats (their last turns)."""
 
     matcher: str
     data: str  # "passages" | "queries" | "chats, last turn" | "chats"
@@ -255,8 +256,6 @@ def read_chats(path: Path, names: list[str]) -> dict[str, dict[str, list[str]]]:
     """reading -> domain -> texts from a file of chats, one `{"messages": [...], "domain": NAME}` per line,
     NAME the domain of the last user turn: "chats, last turn" reads that turn alone, "chats" the chat as
     `domex serve` does (runtime/query.py). No file: no chats."""
-    from .query import query_text
-
     if not path.is_file():
         return {}
     out = {"chats, last turn": {d: [] for d in names}, "chats": {d: [] for d in names}}
