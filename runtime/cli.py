@@ -89,7 +89,8 @@ COMMANDS: dict[str, Command] = {
         arg("--policy", default="nearest", help="out-of-domain fallback, as serve: nearest, union, general or full"),
         arg("--budget", default="50%", help="experts per layer of the mask that serves each query, as serve"),
         DTYPE,
-        arg("--file", help="one query per line: plain text, or JSONL with a 'text' field when it ends in .jsonl"),
+        arg("--file", help="one query per line: plain text, or when it ends in .jsonl an object with a 'text' field "
+            "or a chat with 'messages' (read as serve reads a chat: its user turns, the newest first)"),
         arg("--json", dest="as_json", action="store_true", help="one JSON decision per line"),
         arg("text", nargs="?", help="one query (or give --file)"))),
     "generate": Command("generate:generate_command", "generate from a pool with a mask's experts resident (greedy)", (
@@ -176,7 +177,8 @@ COMMANDS: dict[str, Command] = {
         arg("--budgets", default="0.25,0.5,0.75", help="comma-separated budgets (fractions, counts or bytes)"),
         arg("--criteria", default=",".join(CRITERIA), help="comma-separated criteria"),
         arg("--eval-dir", default="patterns/eval", help="held-out splits <domain>.jsonl[.gz], user-style "
-            "queries/<domain>.jsonl, out-of-domain ood/<kind>.jsonl[.gz] and checkable tasks tasks/<domain>.jsonl"),
+            "queries/<domain>.jsonl, chats conversations.jsonl (optional), out-of-domain ood/<kind>.jsonl[.gz] and "
+            "checkable tasks tasks/<domain>.jsonl"),
         arg("--max-passages", type=int, help="first N held-out passages per domain for pruning quality"),
         arg("--routing-passages", type=int, help="first N held-out passages per domain for routing "
             "(default: all; matching is cheap); queries and OOD texts are always read whole"),
