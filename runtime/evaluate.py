@@ -211,30 +211,35 @@ class Results:
 # held-out data
 
 
+def records(path: Path):
+    """(line number, parsed JSON) of each non-blank line of a JSONL or JSONL.gz file; a line that is not
+    JSON is a ConfigError naming the file and the line."""
+    with (gzip.open if path.suffix == ".gz" else open)(path, "rt", encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield n, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{path}: line {n} is not JSON ({e.msg})") from None
+
+
 def read_lines(path: Path, limit: int | None) -> list[dict]:
     """The first `limit` lines of a held-out file (JSONL or JSONL.gz), each a JSON object with a "text"
     string and, optionally, a "group" string: the set of texts it is also reported with (queries/)."""
     if not path.is_file():
         raise ConfigError(f"no held-out split at {path}; write one {{\"text\": ...}} per line there or pass the "
                           "right --eval-dir")
-    opener = gzip.open if path.suffix == ".gz" else open
     lines = []
-    with opener(path, "rt", encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                record = None
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise ConfigError(f"{path}: line {n} is not a JSON object with a \"text\" string")
-            if not isinstance(record.get("group", ""), str):
-                raise ConfigError(f"{path}: line {n}: field \"group\" must be a string (the name of the set the "
-                                  f"text is also reported with), got {record['group']!r}")
-            lines.append(record)
-            if limit is not None and len(lines) >= limit:
-                break
+    for n, record in records(path):
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise ConfigError(f"{path}: line {n} is not a JSON object with a \"text\" string")
+        if not isinstance(record.get("group", ""), str):
+            raise ConfigError(f"{path}: line {n}: field \"group\" must be a string (the name of the set the "
+                              f"text is also reported with), got {record['group']!r}")
+        lines.append(record)
+        if limit is not None and len(lines) >= limit:
+            break
     if not lines:
         raise ConfigError(f"{path} holds no passages; a held-out split needs at least one")
     return lines
@@ -245,7 +250,7 @@ def read_split(path: Path, limit: int | None) -> list[str]:
     return [line["text"] for line in read_lines(path, limit)]
 
 
-def read_queries(folder: Path, names: list[str]) -> tuple[dict[str, list[str]], dict[str, list[str | None]]]:
+def read_query_folder(folder: Path, names: list[str]) -> tuple[dict[str, list[str]], dict[str, list[str | None]]]:
     """(domain -> texts, domain -> each text's group or None) from `folder`/<domain>.jsonl, for each domain that has one."""
     lines = {d: read_lines(folder / f"{d}.jsonl", None) for d in names if (folder / f"{d}.jsonl").is_file()}
     return ({d: [x["text"] for x in ls] for d, ls in lines.items()},
@@ -259,13 +264,7 @@ def read_chats(path: Path, names: list[str]) -> dict[str, dict[str, list[str]]]:
     if not path.is_file():
         return {}
     out = {"chats, last turn": {d: [] for d in names}, "chats": {d: [] for d in names}}
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            chat = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: line {n} is not JSON ({e.msg})") from None
+    for n, chat in records(path):
         messages = chat.get("messages") if isinstance(chat, dict) else None
         if not (isinstance(messages, list) and messages and all(isinstance(m, dict) for m in messages)
                 and messages[-1].get("role") == "user"):
@@ -652,7 +651,7 @@ def evaluate(pool, store, *, budgets=DEFAULT_BUDGETS, criteria=DEFAULT_CRITERIA,
         eval_dir = Path(eval_dir)
         splits = {d: load_split(tok, eval_dir, d, max_passages, context) for d in names}
         passages = {d: read_split(split_path(eval_dir, d), routing_passages) for d in names}
-        queries, query_groups = read_queries(eval_dir / "queries", names)
+        queries, query_groups = read_query_folder(eval_dir / "queries", names)
         chats = read_chats(eval_dir / CHATS, names)
         ood = read_ood(eval_dir)
         tasks = read_all(eval_dir, names, max_tasks)

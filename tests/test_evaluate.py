@@ -224,7 +224,8 @@ def test_a_bad_line_in_a_held_out_file_is_a_clear_error_naming_it(tmp_path):
     for bad, message in (('{"text": "what is a generator", "group": 2}', 'line 3: field "group" must be a string.*got 2'),
                          ('["what is a generator"]', 'line 3 is not a JSON object with a "text" string'),
                          ('{"prompt": "what is a generator"}', 'line 3 is not a JSON object with a "text" string'),
-                         ('{"text": 3}', 'line 3 is not a JSON object with a "text" string')):
+                         ('{"text": 3}', 'line 3 is not a JSON object with a "text" string'),
+                         ('{"text": "what is a gen', 'line 3 is not JSON')):
         path.write_text(good + bad + "\n")
         with pytest.raises(ConfigError, match=rf"{path}: {message}"):
             read_lines(path, None)

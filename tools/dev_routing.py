@@ -34,7 +34,7 @@ def dev_parser(doc: str) -> argparse.ArgumentParser:
 
 def main() -> int:
     from domex.runtime.evaluate import (CHATS, dev_passages, evaluate_detection, evaluate_routing, read_chats, read_ood,
-                                        read_queries)
+                                        read_query_folder)
     from domex.runtime.match import open_matcher
     from domex.store.db import Store
 
@@ -47,7 +47,7 @@ def main() -> int:
     store = Store.open(args.store, create=False)
     matcher = open_matcher(args.matcher, store, args.pool, quantile=args.ood_quantile)
     snapshot, dev = store.snapshot(), Path(args.dev_dir)
-    queries = evaluate_routing(matcher, snapshot, "queries", *read_queries(dev / "queries", snapshot.names))
+    queries = evaluate_routing(matcher, snapshot, "queries", *read_query_folder(dev / "queries", snapshot.names))
     passages = evaluate_routing(matcher, snapshot, "passages", {d: dev_passages(Path(args.eval_dir), d) for d in snapshot.names})
     chats = {c: evaluate_routing(matcher, snapshot, c, texts) for c, texts in read_chats(dev / CHATS, snapshot.names).items()}
     rows = [("queries", queries), *((f"queries, {g}", x) for g, x in (queries.groups or {}).items()), ("passages", passages),

@@ -25,7 +25,7 @@ from dev_routing import ROOT, dev_parser  # tools/ is this script's folder, firs
 
 def main() -> int:
     from domex.runtime.engine import Engine
-    from domex.runtime.evaluate import dev_passages, read_queries
+    from domex.runtime.evaluate import dev_passages, read_query_folder
     from domex.runtime.families import adapter_for
     from domex.runtime.match import MAX_TOKENS, TEXT_WEIGHT, make_matcher, rerank, routing_profile, unit
     from domex.store.db import Store
@@ -52,7 +52,7 @@ def main() -> int:
             out.append(routing_profile(engine.model, ids, layers=depth).reshape(depth, experts))
         return np.stack(out)
 
-    queries, _ = read_queries(Path(args.dev_dir) / "queries", names)
+    queries, _ = read_query_folder(Path(args.dev_dir) / "queries", names)
     sets = {"queries": queries, "passages": {d: dev_passages(Path(args.eval_dir), d) for d in names}}
     data = {}  # set -> (texts, labels, [N, depth, E] profiles, [N, D] vectors)
     for what, by_domain in sets.items():
