@@ -5,8 +5,8 @@
 
 Builds a pool and a store from the shipped demo model and packs under --work (once), starts a real
 server on a loopback port and runs epochs; in each, concurrently and bounded by --concurrency:
-  - mixed-domain valid requests, half of them streaming, 20% of the streams dropped by the client
-    right after the response headers;
+  - mixed-domain valid requests, a third of them chats of two user turns (matched on both), half of
+    them streaming, 20% of the streams dropped by the client right after the response headers;
   - bad inputs mixed into the same batches (malformed JSON, empty prompt, lone surrogate forced to a
     domain, chunked body over the limit, prompt over the context, max_tokens over the limit, unknown
     or invalid forced domain, registration without token or with a bad name);
@@ -147,18 +147,26 @@ class Tally:
             self.failures.append(what[:300])
 
 
-async def valid_request(client, url, prompt, stream, drop, tally, epoch_tally):
-    body = {"prompt": prompt, "max_tokens": MAX_TOKENS, "stream": stream}
+def valid_body(prompt: str, earlier: str | None) -> tuple[str, dict]:
+    """A completion of `prompt`, or with an `earlier` turn a chat whose last user turn is `prompt`."""
+    if earlier is None:
+        return "/v1/completions", {"prompt": prompt}
+    return "/v1/chat/completions", {"messages": [{"role": "user", "content": earlier}, {"role": "assistant", "content": "ok"},
+                                                 {"role": "user", "content": prompt}]}
+
+
+async def valid_request(client, url, path, body, stream, drop, tally, epoch_tally):
+    body = {**body, "max_tokens": MAX_TOKENS, "stream": stream}
     try:
         if not stream:
-            r = await client.post(f"{url}/v1/completions", json=body)
+            r = await client.post(f"{url}{path}", json=body)
             ok = r.status_code == 200 and "choices" in r.json()
             tally.valid["ok" if ok else "failed"] += 1
             epoch_tally["ok" if ok else ("invalid" if r.status_code < 500 else "error")] += 1
             if not ok:
                 tally.fail(f"{r.status_code} {r.text}")
             return
-        async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
+        async with client.stream("POST", f"{url}{path}", json=body) as r:
             if drop and r.status_code == 200:
                 tally.valid["dropped"] += 1
                 epoch_tally["disconnected"] += 1
@@ -244,7 +252,9 @@ async def epoch(url, prompts, n, concurrency, rng, tally) -> Counter:
             domain = BASE[i % len(BASE)]
             stream = i % 2 == 1
             drop = stream and rng.random() < 0.2
-            tasks.append(bounded(valid_request(client, url, rng.choice(prompts[domain]), stream, drop, tally, expected)))
+            earlier = rng.choice(prompts[domain]) if i % 3 == 0 else None  # a third are chats of two user turns
+            path, body = valid_body(rng.choice(prompts[domain]), earlier)
+            tasks.append(bounded(valid_request(client, url, path, body, stream, drop, tally, expected)))
         for i in range(len(bads) + n // 4):  # every kind once, then one more per 4 valid requests
             kind, path, kwargs = bads[i % len(bads)]
             tasks.append(bounded(bad_request(client, url, kind, path, kwargs, tally, expected)))
