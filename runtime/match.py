@@ -150,6 +150,12 @@ def vote(sims: np.ndarray, labels: list[str]) -> tuple[str, float, str | None, f
     return ranked[0], best[ranked[0]], second, (best[second] if second else -1.0)
 
 
+def hybrid_scores(vecs: np.ndarray, centroids: np.ndarray, routing: np.ndarray) -> np.ndarray:
+    """[Q, n] the hybrid's score of each domain before `rerank`: TEXT_WEIGHT x the cosine of each query's
+    vector [Q, D] to the domain's mean vector [n, D], plus the rest x the routing cosine [Q, n]."""
+    return TEXT_WEIGHT * (vecs @ centroids.T) + (1 - TEXT_WEIGHT) * routing
+
+
 def rerank(scores: np.ndarray, chars: list[CharModel], texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(domains, scores, chars scores), each [Q, CANDIDATES] best first: each text's CANDIDATES best
     domains of `scores` [Q, n], scored scores + CHARS_WEIGHT x (the text's log-likelihood under the
@@ -358,7 +364,7 @@ class Matcher:
         vecs = self.embedder.encode(texts) if self.uses_text else None  # [Q, D]
         routing = unit(profiles.result()) @ v.signatures.T if self.uses_routing else None  # [Q, n]
         if self.name == "hybrid":
-            scores = TEXT_WEIGHT * (vecs @ v.centroids.T) + (1 - TEXT_WEIGHT) * routing  # [Q, n]
+            scores = hybrid_scores(vecs, v.centroids, routing)  # [Q, n]
             orders, ranks, logps = rerank(scores, v.chars, texts)  # [Q, CANDIDATES] each
         if self.name == "embedding":
             knn_sims, knn_labels = self.index.search(vecs, self.k, snapshot)  # [Q, k], [Q][k]

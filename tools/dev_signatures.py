@@ -27,7 +27,7 @@ def main() -> int:
     from domex.runtime.engine import Engine
     from domex.runtime.evaluate import dev_passages, read_query_folder
     from domex.runtime.families import adapter_for
-    from domex.runtime.match import MAX_TOKENS, TEXT_WEIGHT, make_matcher, rerank, routing_profile, unit
+    from domex.runtime.match import MAX_TOKENS, hybrid_scores, make_matcher, rerank, routing_profile, unit
     from domex.store.db import Store
     from domex.store.demos import Demo
     from domex.store.mask import Mask
@@ -69,7 +69,7 @@ def main() -> int:
         row = {"layers": list(layers)}
         for what, (texts, labels, prof, vecs) in data.items():
             routing = unit(prof[:, cols].reshape(len(prof), -1)) @ signatures.T  # [N, n]
-            hybrid = rerank(TEXT_WEIGHT * (vecs @ views.centroids.T) + (1 - TEXT_WEIGHT) * routing, views.chars, texts)[0][:, 0]
+            hybrid = rerank(hybrid_scores(vecs, views.centroids, routing), views.chars, texts)[0][:, 0]
             row[f"signature {what}"] = float(np.mean([names[j] == y for j, y in zip(routing.argmax(1), labels)]))
             row[f"hybrid {what}"] = float(np.mean([names[j] == y for j, y in zip(hybrid, labels)]))
             if layers == (0,):  # the shipped view: this computation must choose what the matcher chooses
